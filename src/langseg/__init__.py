@@ -1,0 +1,3 @@
+"""langseg: segment images with language."""
+
+__version__ = "0.1.0"
