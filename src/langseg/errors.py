@@ -31,7 +31,9 @@ class LangsegError(Exception):
 class BadImageError(LangsegError, ValueError):
     """The image cannot be read or has a shape/mode we cannot turn into RGB."""
 
-    default_hint = "Pass an RGB or grayscale image file (PNG, JPEG, ...), a PIL image or an HxWx3 uint8 array."
+    default_hint = (
+        "Pass an RGB or grayscale image file (PNG, JPEG, ...), a PIL image or an HxWx3 uint8 array."
+    )
 
 
 class BadLabelsError(LangsegError, ValueError):

@@ -1,0 +1,5 @@
+"""``python -m langseg`` runs the CLI."""
+
+from langseg.cli import main
+
+main()

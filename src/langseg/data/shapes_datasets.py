@@ -1,0 +1,266 @@
+"""ShapeWorld as torch Datasets, in memory or on disk.
+
+Samples share one structure with every langseg dataset:
+
+- semantic: ``{"image": 3 x H x W uint8, "mask": H x W int64 class map (255 = ignore),
+  "labels": class names, "meta": {...}}``;
+- referring: ``{"image": 3 x H x W uint8, "mask": H x W bool, "text": str, "meta": {...}}``.
+
+On-disk layout written by :func:`write_shapeworld` (and ``langseg data shapes``), see docs/shapeworld.md::
+
+    OUT/world.json                 format, version, seed, count, config, label names per granularity
+    OUT/images/000000.png          RGB image
+    OUT/instances/000000.png       8-bit: 0 background, k + 1 for object k (visible pixels)
+    OUT/semantic/000000.png        8-bit class map under world.json's "granularity"
+    OUT/annotations/000000.json    objects (attributes, centre, radius, area) and expressions
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from langseg.data.shape_expressions import Expression, referring_expressions
+from langseg.data.shapes import GRANULARITIES, Granularity, Scene, ShapeWorldConfig, label_names, render_scene
+from langseg.errors import BadConfigError, BadDataError, OutputError
+
+FORMAT = "langseg-shapeworld"
+FORMAT_VERSION = 1
+Sample = dict[str, Any]
+
+
+def expression_rng(seed: int, index: int) -> np.random.Generator:
+    """Generator for choosing scene ``index``'s expressions, independent of the rendering stream."""
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index, 1])))
+
+
+def scene_expressions(scene: Scene, per_object: int = 3) -> list[Expression]:
+    """The expressions ShapeWorld-Ref uses for ``scene`` (deterministic per seed and index)."""
+    return referring_expressions(scene, expression_rng(scene.seed, scene.index), per_object)
+
+
+def _image_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+class ShapeWorldSemantic(Dataset):
+    """``num_scenes`` scenes of world ``seed`` with per-pixel class maps under ``granularity``."""
+
+    def __init__(
+        self,
+        num_scenes: int,
+        seed: int = 0,
+        config: ShapeWorldConfig | None = None,
+        granularity: Granularity = "colour_shape",
+        transform: Callable[[Sample], Sample] | None = None,
+    ) -> None:
+        if num_scenes < 0:
+            raise BadConfigError(f"num_scenes must be >= 0, got {num_scenes}")
+        self.num_scenes, self.seed = num_scenes, seed
+        self.config = config or ShapeWorldConfig()
+        self.granularity = granularity
+        self.labels = label_names(self.config, granularity)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return self.num_scenes
+
+    def __getitem__(self, index: int) -> Sample:
+        if not 0 <= index < self.num_scenes:
+            raise IndexError(index)
+        scene = render_scene(self.seed, index, self.config)
+        sample = {
+            "image": _image_tensor(scene.image),
+            "mask": torch.from_numpy(scene.semantic_map(self.granularity)),
+            "labels": self.labels,
+            "meta": {"seed": self.seed, "index": index},
+        }
+        return self.transform(sample) if self.transform else sample
+
+
+class ShapeWorldReferring(Dataset):
+    """One sample per (scene, expression) over ``num_scenes`` scenes of world ``seed``.
+
+    The (scene, expression) index is built on first use by rendering each scene once; images are
+    re-rendered per item rather than cached, which is cheaper than holding them in memory.
+    """
+
+    def __init__(
+        self,
+        num_scenes: int,
+        seed: int = 0,
+        config: ShapeWorldConfig | None = None,
+        per_object: int = 3,
+        transform: Callable[[Sample], Sample] | None = None,
+    ) -> None:
+        if num_scenes < 0:
+            raise BadConfigError(f"num_scenes must be >= 0, got {num_scenes}")
+        self.num_scenes, self.seed, self.per_object = num_scenes, seed, per_object
+        self.config = config or ShapeWorldConfig()
+        self.transform = transform
+        self._index: list[tuple[int, Expression]] | None = None
+
+    @property
+    def index(self) -> list[tuple[int, Expression]]:
+        if self._index is None:
+            self._index = [
+                (i, expr)
+                for i in range(self.num_scenes)
+                for expr in scene_expressions(render_scene(self.seed, i, self.config), self.per_object)
+            ]
+        return self._index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: int) -> Sample:
+        scene_index, expr = self.index[item]
+        scene = render_scene(self.seed, scene_index, self.config)
+        sample = {
+            "image": _image_tensor(scene.image),
+            "mask": torch.from_numpy(scene.object_mask(expr.target)),
+            "text": expr.text,
+            "meta": {"seed": self.seed, "index": scene_index, "target": expr.target, "kind": expr.kind},
+        }
+        return self.transform(sample) if self.transform else sample
+
+
+def _config_from_json(data: dict) -> ShapeWorldConfig:
+    data = dict(data)
+    for key in ("shapes", "colours"):
+        data[key] = tuple(data[key])
+    return ShapeWorldConfig(**data)
+
+
+def write_shapeworld(
+    out_dir: str | Path,
+    num_scenes: int,
+    seed: int = 0,
+    config: ShapeWorldConfig | None = None,
+    granularity: Granularity = "colour_shape",
+    per_object: int = 3,
+    overwrite: bool = False,
+    on_scene: Callable[[int], None] | None = None,
+) -> Path:
+    """Write ``num_scenes`` scenes to ``out_dir`` in the documented layout; returns the folder.
+
+    Refuses a non-empty folder unless ``overwrite``, so that an existing world or unrelated files are
+    never clobbered. ``on_scene(i)`` is called after each scene (progress bars).
+    """
+    if num_scenes < 0:
+        raise BadConfigError(f"--num must be zero or more, got {num_scenes}")
+    if granularity not in GRANULARITIES:
+        raise BadConfigError(
+            f"unknown granularity {granularity!r}", hint=f"Use one of {', '.join(GRANULARITIES)}."
+        )
+    config = config or ShapeWorldConfig()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out} exists and is not a folder", hint="Choose a new folder for --out.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(
+            f"{out} is not empty",
+            hint="Choose an empty or new folder, or pass --overwrite to replace its files.",
+        )
+    try:
+        for sub in ("images", "instances", "semantic", "annotations"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        world = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "seed": seed,
+            "num_scenes": num_scenes,
+            "granularity": granularity,
+            "per_object": per_object,
+            "config": asdict(config),
+            "labels": {g: label_names(config, g) for g in GRANULARITIES},
+        }
+        for i in range(num_scenes):
+            scene = render_scene(seed, i, config)
+            stem = f"{i:06d}"
+            Image.fromarray(scene.image).save(out / "images" / f"{stem}.png")
+            Image.fromarray(scene.instances).save(out / "instances" / f"{stem}.png")
+            Image.fromarray(scene.semantic_map(granularity).astype(np.uint8)).save(
+                out / "semantic" / f"{stem}.png"
+            )
+            annotation = {
+                "seed": seed,
+                "index": i,
+                "objects": [o.to_json() for o in scene.objects],
+                "expressions": [e.to_json() for e in scene_expressions(scene, per_object)],
+            }
+            (out / "annotations" / f"{stem}.json").write_text(json.dumps(annotation, indent=1))
+            if on_scene:
+                on_scene(i)
+        # world.json last: a folder without it is an interrupted write, never mistaken for a world.
+        (out / "world.json").write_text(json.dumps(world, indent=2))
+    except OSError as err:
+        raise OutputError(f"cannot write ShapeWorld to {out}: {err.strerror or err}") from err
+    return out
+
+
+class ShapeWorldFolder(Dataset):
+    """A world written by :func:`write_shapeworld`, read back as a semantic or referring dataset."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        task: str = "semantic",
+        transform: Callable[[Sample], Sample] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        world_file = self.root / "world.json"
+        if not world_file.is_file():
+            raise BadDataError(
+                f"{world_file} not found: {self.root} is not a ShapeWorld folder (or was not fully written)",
+                hint="Write one with `langseg data shapes --out DIR --num N`.",
+            )
+        world = json.loads(world_file.read_text())
+        if world.get("format") != FORMAT:
+            raise BadDataError(f"{world_file} is not a {FORMAT} file")
+        if task not in ("semantic", "referring"):
+            raise BadConfigError(f"unknown task {task!r}", hint="Use semantic or referring.")
+        self.task, self.transform = task, transform
+        self.config = _config_from_json(world["config"])
+        self.granularity = world["granularity"]
+        self.labels: list[str] = world["labels"][self.granularity]
+        self.stems = [f"{i:06d}" for i in range(world["num_scenes"])]
+        self.items: list[tuple[str, dict | None]] = [(stem, None) for stem in self.stems]
+        if task == "referring":
+            self.items = [
+                (stem, expr)
+                for stem in self.stems
+                for expr in json.loads((self.root / "annotations" / f"{stem}.json").read_text())[
+                    "expressions"
+                ]
+            ]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _read(self, sub: str, stem: str) -> np.ndarray:
+        path = self.root / sub / f"{stem}.png"
+        if not path.is_file():
+            raise BadDataError(f"missing file {path}", hint="Re-write the world with `langseg data shapes`.")
+        return np.asarray(Image.open(path))
+
+    def __getitem__(self, item: int) -> Sample:
+        stem, expr = self.items[item]
+        image = _image_tensor(self._read("images", stem))
+        meta: dict[str, Any] = {"stem": stem, "index": int(stem)}
+        if expr is None:
+            mask = torch.from_numpy(self._read("semantic", stem).astype(np.int64))
+            sample = {"image": image, "mask": mask, "labels": self.labels, "meta": meta}
+        else:
+            mask = torch.from_numpy(self._read("instances", stem) == expr["target"] + 1)
+            meta.update(target=expr["target"], kind=expr["kind"])
+            sample = {"image": image, "mask": mask, "text": expr["text"], "meta": meta}
+        return self.transform(sample) if self.transform else sample

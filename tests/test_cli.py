@@ -1,0 +1,91 @@
+"""The CLI: commands work, and bad input gives a message and a hint, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import langseg
+from langseg.cli import main
+
+
+def run_cli(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *args: str
+) -> tuple[int, str, str]:
+    """Run ``langseg ARGS`` in-process through the real entry point; returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["langseg", *args])
+    monkeypatch.setenv("COLUMNS", "200")
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_version_and_models(monkeypatch, capsys) -> None:
+    code, out, _ = run_cli(monkeypatch, capsys, "version")
+    assert code == 0 and f"langseg {langseg.__version__}" in out and "torch" in out
+    code, out, _ = run_cli(monkeypatch, capsys, "models")
+    assert code == 0
+    names = langseg.list_models()
+    assert all(name in out for name in names) if names else "No models registered" in out
+
+
+def test_data_shapes_writes_the_documented_layout(monkeypatch, capsys, tmp_path: Path) -> None:
+    out_dir = tmp_path / "world"
+    code, _, err = run_cli(
+        monkeypatch,
+        capsys,
+        "data",
+        "shapes",
+        "--out",
+        str(out_dir),
+        "--num",
+        "3",
+        "--seed",
+        "4",
+        "--size",
+        "64",
+    )
+    assert code == 0, err
+    world = json.loads((out_dir / "world.json").read_text())
+    assert world["seed"] == 4 and world["num_scenes"] == 3 and world["config"]["size"] == 64
+    for sub, ext in (("images", "png"), ("instances", "png"), ("semantic", "png"), ("annotations", "json")):
+        assert sorted(p.name for p in (out_dir / sub).iterdir()) == [f"00000{i}.{ext}" for i in range(3)]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["data", "shapes", "--out", "{tmp}/a", "--num", "-1"], "--num"),
+        (["data", "shapes", "--out", "{tmp}/a", "--frobnicate"], "No such option"),
+        (["data", "shapes", "--out", "{tmp}/file.txt/sub", "--num", "1"], "cannot write"),
+        (["data", "shapes", "--out", "{tmp}/busy", "--num", "1"], "not empty"),
+        (["data", "shapes", "--out", "{tmp}/a", "--background", "fuzzy"], "unknown background"),
+        (["data", "shapes", "--out", "{tmp}/a", "--min-objects", "5", "--max-objects", "2"], "min_objects"),
+        (["data", "shapes", "--out", "{tmp}/a", "--granularity", "texture"], "granularity"),
+        (["no-such-command"], "No such command"),
+    ],
+)
+def test_bad_input_is_a_message_not_a_traceback(monkeypatch, capsys, tmp_path: Path, args, expected) -> None:
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("keep")
+    code, out, err = run_cli(monkeypatch, capsys, *(a.format(tmp=tmp_path) for a in args))
+    assert code == 2
+    assert expected in out + err
+    assert "Traceback" not in out + err
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "keep"
+
+
+def test_installed_script_runs() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "langseg", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and "data" in result.stdout and "models" in result.stdout
