@@ -1,0 +1,135 @@
+"""Weights: an explicit path, else the local cache, else a hub download; safetensors + config.json.
+
+langseg checkpoints are a folder (or a ``.safetensors`` file with a ``config.json`` beside it) holding
+``model.safetensors`` and ``config.json`` (``{"model": registry name, "kwargs": {...}, ...}``). Foreign
+checkpoints are read with ``torch.load(..., weights_only=True)`` so that no pickled code ever runs.
+
+Without a network, a missing file is a :class:`MissingWeightsError` saying which file, where the cache
+is, and how to pass a local checkpoint, raised at once (hub calls run with ``HF_HUB_OFFLINE`` honoured
+and short timeouts), never a hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from langseg.errors import BadDataError, MissingWeightsError, OutputError
+from langseg.registry import WeightsSpec
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights live: ``$LANGSEG_CACHE``, else ``$XDG_CACHE_HOME/langseg``.
+
+    ``XDG_CACHE_HOME`` defaults to ``~/.cache``.
+    """
+    if "LANGSEG_CACHE" in os.environ:
+        return Path(os.environ["LANGSEG_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "langseg"
+
+
+def resolve_weights(spec: WeightsSpec | None, name: str, path: str | Path | None = None) -> Path:
+    """The local file for ``name``'s weights: ``path`` if given, else the cache, else a download."""
+    if path is not None:
+        local = Path(path)
+        if not local.exists():
+            raise MissingWeightsError(f"checkpoint not found: {local}", hint="Check the path you passed.")
+        return local
+    if spec is None:
+        raise MissingWeightsError(
+            f"model {name!r} has no published weights",
+            hint="Train it (`langseg train`) or pass a checkpoint path; create_model(..., pretrained=False) "
+            "gives random weights.",
+        )
+    cached = cache_dir() / name / spec.filename
+    if cached.is_file():
+        return cached
+    if spec.repo is None:
+        raise MissingWeightsError(
+            f"bundled weights {spec.filename} for {name!r} are missing from the install"
+        )
+    return _download(spec, name, cached)
+
+
+def _download(spec: WeightsSpec, name: str, target: Path) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+        file = hf_hub_download(spec.repo, spec.filename, local_dir=target.parent)  # type: ignore[arg-type]
+    except Exception as err:  # any network, auth or offline failure ends the same way for the user
+        raise MissingWeightsError(
+            f"cannot download {spec.filename} for {name!r} from {spec.repo} ({type(err).__name__})",
+            hint=f"Without a network, put the file at {target} (cache: {cache_dir()}, set LANGSEG_CACHE to "
+            "move it), or pass a local checkpoint path.",
+        ) from err
+    return Path(file)
+
+
+def save_checkpoint(module: torch.nn.Module, out_dir: str | Path, config: dict[str, Any]) -> Path:
+    """Write ``module``'s weights as ``out_dir/model.safetensors`` and ``config`` as ``config.json``."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+        save_file(_untie(state), str(out / WEIGHTS_NAME))
+        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    except OSError as err:
+        raise OutputError(f"cannot write a checkpoint to {out}: {err.strerror or err}") from err
+    return out
+
+
+def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory (tied weights); store each as its own copy."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if ptr in seen else tensor
+        seen.add(ptr)
+    return out
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, config) from a langseg checkpoint folder or its ``.safetensors`` file."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    weights = path if path.is_file() else folder / WEIGHTS_NAME
+    config_file = folder / CONFIG_NAME
+    for required in (weights, config_file):
+        if not required.is_file():
+            raise MissingWeightsError(
+                f"{required} not found",
+                hint=f"A langseg checkpoint is a folder with {WEIGHTS_NAME} and {CONFIG_NAME}.",
+            )
+    try:
+        config = json.loads(config_file.read_text())
+        state = load_file(str(weights))
+    except (json.JSONDecodeError, OSError, RuntimeError, ValueError, SafetensorError) as err:
+        raise BadDataError(f"cannot read the checkpoint at {folder}: {err}") from err
+    return state, config
+
+
+def torch_load_safely(path: str | Path) -> Any:
+    """``torch.load`` restricted to tensors and plain containers (no pickled code runs)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise MissingWeightsError(f"checkpoint not found: {path}") from err
+    except Exception as err:  # pickle.UnpicklingError and friends: the file wants to run code or is corrupt
+        raise BadDataError(
+            f"{path} cannot be loaded safely ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
+            hint="Only tensors and plain containers are read (weights_only=True); re-save the checkpoint's "
+            "state_dict, or convert it with `langseg convert`.",
+        ) from err
