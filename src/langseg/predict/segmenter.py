@@ -1,0 +1,274 @@
+"""``Segmenter``: open-vocabulary semantic segmentation of one image with free-text labels.
+
+The predictor owns everything around a dense image-text model: loading the image, resizing it to the
+working resolution, normalising, the test-time plan (windows, scales, flips), the text side (label
+aliases, caching label embeddings per label set), caching image features across calls with different
+labels, and mapping the result back to the original size.
+
+The model side is two callables, so LSeg and the training-free dense CLIP modes share this class:
+
+- ``encode_image(images: B x 3 x h x w) -> features`` (any tensor, e.g. ``B x D x h' x w'``), and
+- ``dense_logits(features, text_embeddings: K x D) -> B x K x h'' x w''``;
+
+plus ``encode_text(prompts: list[str]) -> P x D`` for the text tower (tokeniser and templates inside).
+
+Labels may carry aliases separated by ``;`` ("person; man; woman"): each alias is encoded and the label's
+logit is the maximum over its aliases. With ``background_threshold``, pixels whose top probability is
+below it go to the label named ``background`` or ``other`` (which must be among the labels).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from langseg.errors import BadLabelsError
+from langseg.predict.images import ImageInput, load_image
+from langseg.predict.results import SegmentationResult
+from langseg.predict.tta import InferencePlan, run_plan, upsample_argmax
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BACKGROUND_NAMES = ("background", "other")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the model's input.
+
+    Attributes:
+        short_side: resize so the short side has this many pixels (``None`` keeps the size); images are
+            also shrunk so that the long side is at most ``max_side``.
+        max_side: cap on the long side of the working image.
+        pad_multiple: pad each model input (bottom/right) to a multiple of this (a ViT's patch size).
+        mean, std: normalisation.
+    """
+
+    short_side: int | None = None
+    max_side: int = 2048
+    pad_multiple: int = 1
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+
+@dataclass
+class _LabelSet:
+    names: list[str]
+    embeddings: torch.Tensor  # P x D, every alias of every label
+    owner: torch.Tensor  # P, index of the label each alias belongs to
+
+
+def parse_labels(labels: Sequence[str], max_labels: int) -> tuple[list[str], list[list[str]]]:
+    """(display names, aliases per label) from user labels; raises :class:`BadLabelsError`."""
+    if isinstance(labels, str):
+        raise BadLabelsError(
+            f"labels must be a list of strings, got the single string {labels!r}",
+            hint=f'Pass labels=[{labels!r}, "other"] or split it yourself.',
+        )
+    names, aliases = [], []
+    for raw in labels:
+        if not isinstance(raw, str):
+            raise BadLabelsError(f"every label must be a string, got {type(raw).__name__}")
+        parts = [p.strip() for p in raw.split(";") if p.strip()]
+        if not parts:
+            raise BadLabelsError(f"empty label {raw!r}")
+        names.append(parts[0])
+        aliases.append(parts)
+    if not names:
+        raise BadLabelsError("no labels given")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise BadLabelsError(
+            f"duplicate labels: {', '.join(duplicates)}",
+            hint="Give each label once; join synonyms with ';' as in 'person; man; woman'.",
+        )
+    if len(names) > max_labels:
+        raise BadLabelsError(
+            f"{len(names)} labels is over this model's limit of {max_labels}",
+            hint="Split the label set over several calls, or raise max_labels if memory allows.",
+        )
+    return names, aliases
+
+
+class Segmenter:
+    """Segment images with labels chosen at call time.
+
+    Args:
+        encode_image, dense_logits, encode_text: the model (see module docstring).
+        plan: test-time plan at the working resolution.
+        preprocess: resizing, padding and normalisation.
+        device: where the model runs.
+        max_labels: refuse larger label sets (memory grows with labels x pixels).
+        text_cache_size: label sets whose embeddings are kept.
+        feature_cache_bytes: keep image features up to this size for repeated calls on one image.
+    """
+
+    def __init__(
+        self,
+        encode_image: Callable[[torch.Tensor], torch.Tensor],
+        dense_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        encode_text: Callable[[list[str]], torch.Tensor],
+        plan: InferencePlan | None = None,
+        preprocess: Preprocess | None = None,
+        device: str | torch.device = "cpu",
+        max_labels: int = 1024,
+        text_cache_size: int = 16,
+        feature_cache_bytes: int = 1 << 30,
+    ) -> None:
+        self.encode_image, self.dense_logits, self.encode_text = encode_image, dense_logits, encode_text
+        self.plan = plan or InferencePlan()
+        self.preprocess = preprocess or Preprocess()
+        self.device = torch.device(device)
+        self.max_labels = max_labels
+        self.text_cache_size, self.feature_cache_bytes = text_cache_size, feature_cache_bytes
+        self._text_cache: OrderedDict[tuple[tuple[str, ...], ...], _LabelSet] = OrderedDict()
+        self._image: np.ndarray | None = None
+        self._input: torch.Tensor | None = None
+        self._features: list[torch.Tensor] = []  # per model call of the plan, for the current image
+        self.text_encodings = 0  # encode_text calls, for tests and benchmarks
+        self.image_encodings = 0  # encode_image calls
+
+    # ------------------------------------------------------------------ image side
+
+    def set_image(self, image: ImageInput) -> None:
+        """Load and prepare ``image``; later :meth:`segment` calls without an image reuse its features."""
+        self._image = load_image(image)
+        self._input = self._prepare(self._image)
+        self._features = []
+
+    def _prepare(self, image: np.ndarray) -> torch.Tensor:
+        """``1 x 3 x h x w`` normalised float tensor at the working resolution."""
+        pre = self.preprocess
+        height, width = image.shape[:2]
+        factor = 1.0 if pre.short_side is None else pre.short_side / min(height, width)
+        factor = min(factor, pre.max_side / max(height, width))
+        if abs(factor - 1.0) > 1e-9:
+            # Resize the uint8 image with PIL (antialiased when shrinking) before it becomes float: an
+            # 8000 x 6000 photo would otherwise cost 600 MB of float pixels.
+            size = (max(1, round(width * factor)), max(1, round(height * factor)))
+            image = np.array(Image.fromarray(image).resize(size, Image.BILINEAR))
+        x = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None]
+        x = x.float() / 255.0
+        mean = torch.tensor(pre.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(pre.std, device=self.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def _features_for(self, call: int, windows: torch.Tensor) -> torch.Tensor:
+        """Image features of the ``call``-th model input of the plan, cached across label sets.
+
+        The plan is deterministic, so call ``i`` always sees the same window of the same image; the cache
+        keeps features up to ``feature_cache_bytes`` and recomputes the rest.
+        """
+        if call < len(self._features):
+            return self._features[call]
+        multiple = self.preprocess.pad_multiple
+        pad_h, pad_w = (-windows.shape[-2]) % multiple, (-windows.shape[-1]) % multiple
+        features = self.encode_image(F.pad(windows, (0, pad_w, 0, pad_h)))
+        used = sum(f.numel() * f.element_size() for f in self._features)
+        if (
+            call == len(self._features)
+            and used + features.numel() * features.element_size() <= self.feature_cache_bytes
+        ):
+            self._features.append(features)
+        self.image_encodings += 1
+        return features
+
+    # ------------------------------------------------------------------ text side
+
+    def label_set(self, labels: Sequence[str]) -> _LabelSet:
+        """Embeddings of every alias of ``labels``, computed once per label set."""
+        names, aliases = parse_labels(labels, self.max_labels)
+        key = tuple(tuple(a) for a in aliases)
+        if key in self._text_cache:
+            self._text_cache.move_to_end(key)
+            return self._text_cache[key]
+        prompts = [alias for group in aliases for alias in group]
+        owner = torch.tensor([i for i, group in enumerate(aliases) for _ in group], device=self.device)
+        with torch.inference_mode():
+            embeddings = self.encode_text(prompts).to(self.device)
+        self.text_encodings += 1
+        entry = _LabelSet(names, embeddings, owner)
+        self._text_cache[key] = entry
+        if len(self._text_cache) > self.text_cache_size:
+            self._text_cache.popitem(last=False)
+        return entry
+
+    # ------------------------------------------------------------------ segmentation
+
+    @torch.inference_mode()
+    def segment(
+        self,
+        image: ImageInput | None = None,
+        labels: Sequence[str] = (),
+        background_threshold: float | None = None,
+        keep_scores: bool = False,
+    ) -> SegmentationResult:
+        """Segment ``image`` (or the one given to :meth:`set_image`) into ``labels``.
+
+        Returns a :class:`SegmentationResult` whose ``mask`` has the original image size.
+        """
+        label_set = self.label_set(labels)
+        background = _background_index(label_set.names, background_threshold)
+        if image is not None:
+            self.set_image(image)
+        if self._input is None or self._image is None:
+            raise BadLabelsError("no image to segment", hint="Pass an image, or call set_image() first.")
+        calls = iter(range(1 << 30))
+        multiple = self.preprocess.pad_multiple
+
+        def logits_fn(windows: torch.Tensor) -> torch.Tensor:
+            features = self._features_for(next(calls), windows)
+            logits = self.dense_logits(features, label_set.embeddings)
+            logits = _max_over_aliases(logits, label_set.owner, len(label_set.names))
+            # Logits cover the padded input: upsample to it, then drop the padding.
+            height, width = windows.shape[-2:]
+            padded = (height + (-height) % multiple, width + (-width) % multiple)
+            logits = F.interpolate(logits.float(), size=padded, mode="bilinear", align_corners=False)
+            return logits[..., :height, :width]
+
+        working_logits = run_plan(logits_fn, self._input, self.plan)
+        height, width = self._image.shape[:2]
+        need_probs = keep_scores or background is not None
+        mask, probs = upsample_argmax(working_logits, (height, width), keep_probabilities=need_probs)
+        if background is not None and probs is not None:
+            mask[probs.max(0).values < background_threshold] = background
+        return SegmentationResult(
+            mask=mask.cpu().numpy(),
+            labels=label_set.names,
+            image=self._image,
+            scores=probs.cpu().numpy() if keep_scores and probs is not None else None,
+        )
+
+
+def _background_index(names: list[str], threshold: float | None) -> int | None:
+    if threshold is None:
+        if len(names) == 1:
+            raise BadLabelsError(
+                f"one label ({names[0]!r}) would give every pixel that label",
+                hint='Add a second label such as "other" (or "background", with background_threshold).',
+            )
+        return None
+    if not 0.0 < threshold < 1.0:
+        raise BadLabelsError(f"background_threshold must be in (0, 1), got {threshold}")
+    for i, name in enumerate(names):
+        if name.lower() in BACKGROUND_NAMES:
+            return i
+    raise BadLabelsError(
+        "background_threshold needs a label named 'background' or 'other' to assign uncertain pixels to",
+        hint='Add "background" (or "other") to the labels.',
+    )
+
+
+def _max_over_aliases(logits: torch.Tensor, owner: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """``B x K x h x w`` from ``B x P x h x w`` alias logits: each label's maximum over its aliases."""
+    if logits.shape[1] == num_labels:
+        return logits
+    out = logits.new_full((logits.shape[0], num_labels, *logits.shape[2:]), float("-inf"))
+    index = owner.view(1, -1, 1, 1).expand_as(logits)
+    return out.scatter_reduce(1, index, logits, reduce="amax")
