@@ -44,6 +44,8 @@ class ModelEntry:
         description: one line for ``langseg models``.
         weights: published weights, or ``None`` for architecture-only entries (e.g. test models).
         kwargs: default keyword arguments passed to ``builder``.
+        loader: ``(entry, weights, device, **options) -> predictor`` used by :func:`langseg.load`
+            (a ``Segmenter`` or ``Referrer`` with weights loaded); ``None`` if the model has no predictor.
     """
 
     name: str
@@ -53,6 +55,7 @@ class ModelEntry:
     description: str
     weights: WeightsSpec | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    loader: Callable[..., Any] | None = None
 
 
 _MODELS: dict[str, ModelEntry] = {}
