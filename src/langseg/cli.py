@@ -51,6 +51,7 @@ def models(
     task: str | None = typer.Option(None, help="Only models for this task: semantic or referring."),
 ) -> None:
     """List the registered models."""
+    import langseg.models  # noqa: F401  (registers the models)
     from langseg.registry import model_entries
 
     entries = [e for e in model_entries() if task is None or e.task == task]

@@ -1,0 +1,363 @@
+"""Official LSeg checkpoints (isl-org/lang-seg, PyTorch Lightning ``.ckpt``) -> langseg.
+
+The official Lightning module keeps the network in ``self.net``, so its ``state_dict`` holds:
+
+- ``net.pretrained.model.*``: the timm ViT (``cls_token``, ``pos_embed``, ``patch_embed.proj``,
+  ``blocks.N.*``, plus ``norm``/``head`` that the forward never reads);
+- ``net.pretrained.act_postprocessN.{0.project.0, 3, 4}.*``: DPT reassembly (readout projection,
+  1x1 conv, resample) for N = 1..4;
+- ``net.scratch.layerN_rn``, ``net.scratch.refinenetN.{resConfUnit1, resConfUnit2, out_conv}``,
+  ``net.scratch.head1``, and ``net.scratch.head_block.depthwise.depthwise`` when spatial
+  regularisation was trained (``arch_option`` 1 = bottleneck, 2 = depthwise);
+- ``net.clip_pretrained.*``: the whole OpenAI CLIP ViT-B/32 (text tower used, image tower unused).
+
+Its logit scale is ``exp(log(1/0.07))`` held as a plain tensor attribute, so it is *not* in the
+checkpoint; we set our learnable ``logit_scale`` to that value. Every official key is either mapped or
+matched by an explicit "unused by the official forward" rule; anything else, any key we lack and any
+shape mismatch is a :class:`BadDataError` naming the keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from langseg.errors import BadConfigError, BadDataError, MissingWeightsError, OutputError
+from langseg.models.lseg import LSEG_CONFIGS, OFFICIAL_LOGIT_SCALE, TEXT_ENCODER_CONFIGS, LSegNet
+from langseg.models.text import ClipTextEncoder
+
+NET_FILE, TEXT_FILE, CONFIG_FILE = "model.safetensors", "text_encoder.safetensors", "config.json"
+
+_BACKBONE_VARIANTS = {"clip_vitl16_384": "lseg-vitl16-384", "clip_vitb32_384": "lseg-vitb32-384"}
+# (width, patch) of net.pretrained.model.patch_embed.proj.weight -> variant, when hparams are absent.
+_PATCH_VARIANTS = {(1024, 16): "lseg-vitl16-384", (768, 32): "lseg-vitb32-384"}
+_ARCH_OPTIONS = {0: "none", 1: "bottleneck", 2: "depthwise"}
+
+_BLOCK = (
+    r"blocks\.\d+\.(?:norm[12]\.(?:weight|bias)|attn\.(?:qkv|proj)\.(?:weight|bias)|"
+    r"mlp\.fc[12]\.(?:weight|bias))"
+)
+_CLIP_BLOCK = (
+    r"transformer\.resblocks\.\d+\.(?:ln_[12]\.(?:weight|bias)|attn\.(?:in_proj_weight|in_proj_bias|"
+    r"out_proj\.weight|out_proj\.bias)|mlp\.c_(?:fc|proj)\.(?:weight|bias))"
+)
+_RCU = r"(?:conv[12]\.(?:weight|bias)|bn[12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))"
+
+# (official key without "net.", target) where target is "net:<template>", "text:<template>" or
+# "drop:<why>". Templates use \1, \2 ... and {n-1} for "the first group minus one".
+_RULES: list[tuple[str, str]] = [
+    (
+        rf"pretrained\.model\.(cls_token|pos_embed|patch_embed\.proj\.(?:weight|bias)|{_BLOCK})",
+        r"net:encoder.vit.\1",
+    ),
+    (r"pretrained\.model\.(?:norm|head)\.(?:weight|bias)", "drop:final norm and classifier of the timm ViT"),
+    (
+        r"pretrained\.act_postprocess([1-4])\.0\.project\.0\.(weight|bias)",
+        r"net:reassemble.blocks.{n-1}.readout.proj.\2",
+    ),
+    (r"pretrained\.act_postprocess([1-4])\.3\.(weight|bias)", r"net:reassemble.blocks.{n-1}.conv.\2"),
+    (r"pretrained\.act_postprocess([1-4])\.4\.(weight|bias)", r"net:reassemble.blocks.{n-1}.resample.\2"),
+    (r"scratch\.layer([1-4])_rn\.weight", r"net:decoder.proj.{n-1}.weight"),
+    (rf"scratch\.refinenet4\.resConfUnit1\.{_RCU}", "drop:skip unit of the deepest fusion block"),
+    (rf"scratch\.refinenet([1-4])\.resConfUnit1\.({_RCU})", r"net:decoder.fusion.{n-1}.skip_unit.\2"),
+    (rf"scratch\.refinenet([1-4])\.resConfUnit2\.({_RCU})", r"net:decoder.fusion.{n-1}.unit.\2"),
+    (r"scratch\.refinenet([1-4])\.out_conv\.(weight|bias)", r"net:decoder.fusion.{n-1}.out_conv.\2"),
+    (r"scratch\.head1\.(weight|bias)", r"net:head.\1"),
+    (r"scratch\.head_block\.depthwise\.depthwise\.(weight|bias)", r"net:spatial_reg.conv.\1"),
+    (
+        rf"clip_pretrained\.(token_embedding\.weight|positional_embedding|text_projection|"
+        rf"ln_final\.(?:weight|bias)|{_CLIP_BLOCK})",
+        r"text:text.\1",
+    ),
+    (r"clip_pretrained\.logit_scale", "drop:CLIP's image-text temperature"),
+    (
+        rf"clip_pretrained\.visual\.(?:class_embedding|positional_embedding|proj|conv1\.weight|"
+        rf"ln_(?:pre|post)\.(?:weight|bias)|{_CLIP_BLOCK})",
+        "drop:CLIP image tower",
+    ),
+]
+_COMPILED = [(re.compile(pattern), target) for pattern, target in _RULES]
+# Our key -> official key, only to name missing keys the way the user's checkpoint spells them.
+_INVERSE: list[tuple[str, str]] = [
+    (r"net:encoder\.vit\.(.+)", r"pretrained.model.\1"),
+    (r"net:reassemble\.blocks\.(\d)\.readout\.proj\.(.+)", r"pretrained.act_postprocess{n+1}.0.project.0.\2"),
+    (r"net:reassemble\.blocks\.(\d)\.conv\.(.+)", r"pretrained.act_postprocess{n+1}.3.\2"),
+    (r"net:reassemble\.blocks\.(\d)\.resample\.(.+)", r"pretrained.act_postprocess{n+1}.4.\2"),
+    (r"net:decoder\.proj\.(\d)\.weight", r"scratch.layer{n+1}_rn.weight"),
+    (r"net:decoder\.fusion\.(\d)\.skip_unit\.(.+)", r"scratch.refinenet{n+1}.resConfUnit1.\2"),
+    (r"net:decoder\.fusion\.(\d)\.unit\.(.+)", r"scratch.refinenet{n+1}.resConfUnit2.\2"),
+    (r"net:decoder\.fusion\.(\d)\.out_conv\.(.+)", r"scratch.refinenet{n+1}.out_conv.\2"),
+    (r"net:head\.(.+)", r"scratch.head1.\1"),
+    (r"net:spatial_reg\.conv\.(.+)", r"scratch.head_block.depthwise.depthwise.\1"),
+    (r"text:text\.(.+)", r"clip_pretrained.\1"),
+]
+
+
+class ConvertedLSeg(NamedTuple):
+    """An official checkpoint in langseg layout (float32 tensors, our key names)."""
+
+    config: dict[str, Any]
+    net_state: dict[str, torch.Tensor]
+    text_state: dict[str, torch.Tensor]
+
+
+class LSegBundle(NamedTuple):
+    """A loaded LSeg: the network, the text encoder whose space it was trained in, and its config."""
+
+    net: LSegNet
+    text_encoder: ClipTextEncoder
+    config: dict[str, Any]
+
+
+def read_official_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state_dict, hyper_parameters)`` of a Lightning checkpoint, loaded without running pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingWeightsError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise BadDataError(
+            f"{path} contains pickled objects that safe loading refuses: {str(error).splitlines()[0]}",
+            hint="Only tensors and plain containers are read. In an environment you trust, re-save just the "
+            "weights: torch.save({'state_dict': torch.load(p, weights_only=False)['state_dict']}, out).",
+        ) from error
+    except (RuntimeError, EOFError, OSError) as error:
+        raise BadDataError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
+    if not isinstance(ckpt, dict):
+        raise BadDataError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    state = ckpt.get("state_dict", ckpt)
+    hyper = ckpt.get("hyper_parameters") or {}
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BadDataError(f"{path} has no tensor state_dict")
+    return state, dict(hyper) if isinstance(hyper, dict) else {}
+
+
+def _resolve_variant(state: dict[str, torch.Tensor], hyper: dict[str, Any], variant: str | None) -> str:
+    if variant is not None:
+        if variant not in LSEG_CONFIGS:
+            raise BadConfigError(
+                f"unknown LSeg variant {variant!r}", hint=f"Use one of {sorted(LSEG_CONFIGS)}."
+            )
+        return variant
+    backbone = hyper.get("backbone")
+    if backbone is not None:
+        if backbone not in _BACKBONE_VARIANTS:
+            raise BadConfigError(
+                f"official backbone {backbone!r} is not supported",
+                hint=f"Supported: {', '.join(_BACKBONE_VARIANTS)}; or pass variant= explicitly.",
+            )
+        return _BACKBONE_VARIANTS[backbone]
+    patch = state.get("net.pretrained.model.patch_embed.proj.weight")
+    if patch is not None and (patch.shape[0], patch.shape[-1]) in _PATCH_VARIANTS:
+        return _PATCH_VARIANTS[(patch.shape[0], patch.shape[-1])]
+    raise BadConfigError("cannot tell which LSeg variant this checkpoint is", hint="Pass variant=...")
+
+
+def _map_key(key: str) -> tuple[str, str]:
+    """``("net"|"text"|"drop"|"unknown", new_key_or_reason)`` for an official key without ``net.``."""
+    for pattern, target in _COMPILED:
+        match = pattern.fullmatch(key)
+        if match is None:
+            continue
+        kind, _, template = target.partition(":")
+        if kind == "drop":
+            return kind, template
+        template = (
+            template.replace("{n-1}", str(int(match.group(1)) - 1)) if "{n-1}" in template else template
+        )
+        return kind, match.expand(template)
+    return "unknown", key
+
+
+def _official_name(kind: str, key: str) -> str:
+    """The official checkpoint key that would fill our ``key`` (for error messages)."""
+    for pattern, template in _INVERSE:
+        match = re.fullmatch(pattern, f"{kind}:{key}")
+        if match is not None:
+            template = (
+                template.replace("{n+1}", str(int(match.group(1)) + 1)) if "{n+1}" in template else template
+            )
+            return "net." + match.expand(template)
+    return f"{kind}:{key}"
+
+
+def official_to_langseg(
+    state: dict[str, torch.Tensor],
+    hyper: dict[str, Any] | None = None,
+    variant: str | None = None,
+    *,
+    arch_option: int | None = None,
+    block_depth: int | None = None,
+    activation: str | None = None,
+) -> ConvertedLSeg:
+    """Map an official LSeg state dict onto langseg's ``LSegNet`` and ``ClipTextEncoder``.
+
+    ``arch_option``, ``block_depth`` and ``activation`` are the official training options for the
+    spatial regularisation blocks; by default they come from the checkpoint's hyper-parameters, else
+    0 / 0 / ``"lrelu"`` (the released checkpoints use ``arch_option=0``).
+    """
+    hyper = hyper or {}
+    if not any(k.startswith("net.") for k in state):  # a bare LSegNet state dict
+        state = {f"net.{k}": v for k, v in state.items()}
+    variant = _resolve_variant(state, hyper, variant)
+    arch = int(arch_option if arch_option is not None else hyper.get("arch_option", 0))
+    depth = int(block_depth if block_depth is not None else hyper.get("block_depth", 0))
+    if arch not in _ARCH_OPTIONS:
+        raise BadConfigError(
+            f"unknown official arch_option {arch}", hint="Use 0, 1 (bottleneck) or 2 (depthwise)."
+        )
+    kwargs: dict[str, Any] = {
+        **LSEG_CONFIGS[variant],
+        "readout": "project",
+        "use_bn": True,
+        "spatial_reg": _ARCH_OPTIONS[arch],
+        # The official head applies its one block max(block_depth, 1) times, the last without activation.
+        "spatial_reg_depth": max(depth, 1),
+        "spatial_reg_activation": activation or hyper.get("activation", "lrelu"),
+        "logit_scale": OFFICIAL_LOGIT_SCALE,
+    }
+    text_kwargs = dict(TEXT_ENCODER_CONFIGS[variant])
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        targets = {
+            "net": {k: v.shape for k, v in LSegNet(**kwargs).state_dict().items()},
+            "text": {k: v.shape for k, v in ClipTextEncoder(**text_kwargs).state_dict().items()},
+        }
+    out: dict[str, dict[str, torch.Tensor]] = {"net": {}, "text": {}}
+    unexpected, mismatched, dropped = [], [], []
+    for key, tensor in state.items():
+        kind, new_key = _map_key(key.removeprefix("net.")) if key.startswith("net.") else ("unknown", key)
+        if kind == "drop":
+            dropped.append(key)
+        elif kind == "unknown" or new_key not in targets[kind]:
+            unexpected.append(key)
+        elif tuple(tensor.shape) != tuple(targets[kind][new_key]):
+            mismatched.append(f"{key}: {tuple(tensor.shape)} vs {tuple(targets[kind][new_key])} ({new_key})")
+        else:
+            out[kind][new_key] = tensor.float() if tensor.is_floating_point() else tensor
+    out["net"]["logit_scale"] = torch.tensor(math.log(OFFICIAL_LOGIT_SCALE))
+    missing = [
+        _official_name(kind, k) for kind in ("net", "text") for k in targets[kind] if k not in out[kind]
+    ]
+    _raise_on_problems(variant, arch, missing, unexpected, mismatched)
+    config = {
+        "format": "langseg",
+        "family": "lseg",
+        "variant": variant,
+        "kwargs": kwargs,
+        "weights": NET_FILE,
+        "text_encoder": {"kwargs": text_kwargs, "weights": TEXT_FILE},
+        "source": {"converter": "lseg_official", "dropped_keys": len(dropped)},
+    }
+    return ConvertedLSeg(config, out["net"], out["text"])
+
+
+def _raise_on_problems(
+    variant: str, arch: int, missing: list[str], unexpected: list[str], mismatched: list[str]
+) -> None:
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if keys:
+            shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+            parts.append(f"{title} keys: {shown}")
+    hint = f"Check that this is an official LSeg checkpoint of variant {variant!r} (or pass variant=...)."
+    if any("head_block" in k for k in missing + unexpected):
+        hint += (
+            f" Spatial-regularisation keys disagree with arch_option={arch}: pass arch_option=1 or 2 (or 0)."
+        )
+    raise BadDataError(f"official LSeg checkpoint does not match {variant}: " + "; ".join(parts), hint=hint)
+
+
+def convert_lseg_official(
+    ckpt_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    variant: str | None = None,
+    *,
+    arch_option: int | None = None,
+    block_depth: int | None = None,
+    activation: str | None = None,
+) -> Path:
+    """Convert an official LSeg ``.ckpt`` into ``out_dir`` and return that folder.
+
+    Writes ``model.safetensors`` (``LSegNet`` weights), ``text_encoder.safetensors`` (the CLIP text
+    tower, ``ClipTextEncoder`` keys) and ``config.json`` (variant, builder kwargs, text encoder kwargs).
+    """
+    state, hyper = read_official_checkpoint(ckpt_path)
+    converted = official_to_langseg(
+        state, hyper, variant, arch_option=arch_option, block_depth=block_depth, activation=activation
+    )
+    converted.config["source"]["checkpoint"] = Path(ckpt_path).name
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, tensors in ((NET_FILE, converted.net_state), (TEXT_FILE, converted.text_state)):
+            tmp = out / f".{name}.tmp"  # write then rename, so a crash never leaves a half file
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+            os.replace(tmp, out / name)
+        (out / CONFIG_FILE).write_text(json.dumps(converted.config, indent=2) + "\n")
+    except OSError as error:
+        raise OutputError(f"cannot write the converted model to {out}: {error}") from error
+    return out
+
+
+def _build(
+    config: dict[str, Any], net_state: dict[str, torch.Tensor], text_state: dict[str, torch.Tensor]
+) -> LSegBundle:
+    net = LSegNet(**config["kwargs"])
+    text_encoder = ClipTextEncoder(**config["text_encoder"]["kwargs"])
+    for module, tensors, what in ((net, net_state, "model"), (text_encoder, text_state, "text encoder")):
+        try:
+            module.load_state_dict(tensors, strict=True)
+        except RuntimeError as error:  # torch lists missing/unexpected keys and shape mismatches
+            raise BadDataError(f"{what} weights do not match the config: {error}") from error
+    return LSegBundle(net, text_encoder, config)
+
+
+def load_lseg(
+    path: str | os.PathLike[str],
+    variant: str | None = None,
+    *,
+    arch_option: int | None = None,
+    block_depth: int | None = None,
+    activation: str | None = None,
+) -> LSegBundle:
+    """Load an LSeg from a converted folder (or its ``model.safetensors``) or an official ``.ckpt``.
+
+    ``variant``, ``arch_option``, ``block_depth`` and ``activation`` only apply to official checkpoints
+    (see :func:`official_to_langseg`). Returns ``(net, text_encoder, config)``; modules stay in training
+    mode (call ``.eval()`` for inference).
+    """
+    path = Path(path)
+    if path.is_file() and path.suffix == ".safetensors":
+        path = path.parent
+    if path.is_dir():
+        config_path = path / CONFIG_FILE
+        if not config_path.is_file():
+            raise MissingWeightsError(f"{path} has no {CONFIG_FILE}", hint="Convert the checkpoint first.")
+        try:
+            config = json.loads(config_path.read_text())
+            net_state = load_file(str(path / config["weights"]))
+            text_state = load_file(str(path / config["text_encoder"]["weights"]))
+        except (KeyError, json.JSONDecodeError) as error:
+            raise BadDataError(f"{config_path} is not a langseg LSeg config: {error}") from error
+        except FileNotFoundError as error:
+            raise MissingWeightsError(f"weights file missing in {path}: {error}") from error
+        if config.get("family") != "lseg":
+            raise BadDataError(f"{path} holds a {config.get('family')!r} model, not LSeg")
+        return _build(config, net_state, text_state)
+    state, hyper = read_official_checkpoint(path)
+    converted = official_to_langseg(
+        state, hyper, variant, arch_option=arch_option, block_depth=block_depth, activation=activation
+    )
+    del state  # the official dict can be >1 GB; keep only the converted copy
+    return _build(converted.config, converted.net_state, converted.text_state)

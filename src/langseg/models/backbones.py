@@ -1,0 +1,136 @@
+"""Image towers that feed dense decoders.
+
+:class:`TimmViTTower` wraps a timm Vision Transformer and returns the token sequences of four chosen
+blocks (DPT's "hooks"), with absolute position embeddings resized to any input size that is a multiple
+of the patch size. The timm module holds the weights; we only drive its pieces in the order DPT needs,
+because timm's own ``forward_intermediates`` resamples position embeddings bicubically, while LSeg/DPT
+were trained with bilinear resampling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from langseg.errors import BadConfigError, BadImageError
+
+# Blocks whose outputs DPT reads, per timm model (0-based; official LSeg/DPT values).
+VIT_HOOKS: dict[str, tuple[int, int, int, int]] = {
+    "vit_large_patch16_384": (5, 11, 17, 23),
+    "vit_base_patch16_384": (2, 5, 8, 11),
+    "vit_base_patch32_384": (2, 5, 8, 11),
+}
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, num_prefix: int, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resample the patch part of ViT position embeddings to a new token grid.
+
+    Args:
+        pos_embed: ``1 x (P + g*g) x C`` embeddings of a square ``g x g`` grid after ``P`` prefix tokens.
+        num_prefix: ``P``, the number of prefix (class) tokens, kept as they are.
+        grid_hw: target grid ``(h, w)``.
+
+    Returns:
+        ``1 x (P + h*w) x C``. Bilinear with ``align_corners=False`` as in DPT; a same-size resize is the
+        identity, so it is skipped.
+    """
+    prefix, grid = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    side = round(grid.shape[1] ** 0.5)
+    if side * side != grid.shape[1]:
+        raise ValueError(f"position embeddings hold {grid.shape[1]} patches, not a square grid")
+    if (side, side) == tuple(grid_hw):
+        return pos_embed
+    grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=grid_hw, mode="bilinear", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, grid_hw[0] * grid_hw[1], -1)
+    return torch.cat([prefix, grid], dim=1)
+
+
+class TimmViTTower(nn.Module):
+    """A timm ViT returning the token sequences after four chosen blocks.
+
+    Args:
+        model_name: a timm ViT name (``vit_large_patch16_384``, ``vit_base_patch32_384``,
+            ``vit_base_patch16_384``, ...), or ``None`` to build ``VisionTransformer(**vit_kwargs)``
+            directly (tiny test towers).
+        hooks: four 0-based block indices; defaults to :data:`VIT_HOOKS` for known names.
+        vit_kwargs: extra keyword arguments for timm (or the full config when ``model_name`` is None).
+        pretrained: passed to ``timm.create_model`` (needs the network; the converters load weights
+            themselves, so this stays ``False`` here).
+
+    Blocks after the last hook, the final norm and the classifier are removed: the decoder never reads
+    them, and unused parameters would break DistributedDataParallel.
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = "vit_large_patch16_384",
+        hooks: tuple[int, ...] | list[int] | None = None,
+        vit_kwargs: dict[str, Any] | None = None,
+        pretrained: bool = False,
+    ) -> None:
+        super().__init__()
+        kwargs = dict(vit_kwargs or {})
+        if model_name is None:
+            vit = VisionTransformer(**{"num_classes": 0, **kwargs})
+        else:
+            vit = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+        if not isinstance(vit, VisionTransformer):
+            raise BadConfigError(f"{model_name!r} is not a timm VisionTransformer")
+        if vit.cls_token is None or vit.no_embed_class or vit.reg_token is not None:
+            raise BadConfigError(
+                "the ViT must have exactly one class token with a position embedding (DPT readout)",
+                hint="Use a classic ViT such as vit_base_patch16_384.",
+            )
+        if hooks is None:
+            if model_name not in VIT_HOOKS:
+                raise BadConfigError(f"no default hooks for {model_name!r}", hint="Pass hooks=(i, j, k, l).")
+            hooks = VIT_HOOKS[model_name]
+        hooks = tuple(int(h) for h in hooks)
+        if len(hooks) != 4 or list(hooks) != sorted(set(hooks)) or hooks[-1] >= len(vit.blocks):
+            raise BadConfigError(f"hooks must be 4 increasing block indices < {len(vit.blocks)}, got {hooks}")
+        vit.blocks = vit.blocks[: hooks[-1] + 1]
+        vit.norm = nn.Identity()
+        self.vit = vit
+        self.hooks = hooks
+        self.embed_dim: int = vit.embed_dim
+        self.num_prefix_tokens: int = vit.num_prefix_tokens
+        self.patch_size: tuple[int, int] = tuple(vit.patch_embed.patch_size)  # type: ignore[assignment]
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Token grid ``(h, w)`` for an image of ``height x width``; both must divide by the patch."""
+        ph, pw = self.patch_size
+        if height % ph or width % pw:
+            raise BadImageError(
+                f"image size {height}x{width} is not a multiple of the patch size {ph}x{pw}",
+                hint="Resize or pad the image to a multiple of the patch size (the predictors do this).",
+            )
+        return height // ph, width // pw
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
+        """Run the tower.
+
+        Args:
+            images: ``B x 3 x H x W``, H and W multiples of the patch size.
+
+        Returns:
+            ``(tokens, (h, w))``: four ``B x (1 + h*w) x C`` token sequences (class token first) taken
+            after the hooked blocks, and the token grid size.
+        """
+        grid = self.grid_size(images.shape[-2], images.shape[-1])
+        vit = self.vit
+        x = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)  # B x h*w x C
+        x = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + resize_pos_embed(vit.pos_embed, self.num_prefix_tokens, grid)
+        x = vit.norm_pre(vit.patch_drop(vit.pos_drop(x)))
+        outputs = []
+        for index, block in enumerate(vit.blocks):
+            x = block(x)
+            if index in self.hooks:
+                outputs.append(x)
+        return outputs, grid

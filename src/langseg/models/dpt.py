@@ -1,0 +1,212 @@
+"""Dense Prediction Transformer (DPT) pieces, as used by LSeg.
+
+A ViT gives four token sequences; *reassemble* blocks turn each into an image-like map at strides
+4, 8, 16 and 32 of the input; a 3x3 projection brings every map to a common width; four *fusion*
+blocks (RefineNet style) merge them from coarse to fine and upsample, ending at stride 2.
+
+Shapes below use ``h x w`` for the ViT token grid and ``H x W`` for the input image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from langseg.errors import BadConfigError
+
+READOUTS = ("ignore", "add", "project")
+
+
+class ReadoutIgnore(nn.Module):
+    """Drop the class token: ``B x (1 + N) x C -> B x N x C``."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, 1:]
+
+
+class ReadoutAdd(nn.Module):
+    """Add the class token to every patch token: ``B x (1 + N) x C -> B x N x C``."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, 1:] + tokens[:, :1]
+
+
+class ReadoutProject(nn.Module):
+    """Concatenate the class token to every patch token and project back: ``B x (1+N) x C -> B x N x C``.
+
+    ``GELU(Linear([patch, cls]))``; the patch token comes first in the concatenation (DPT order).
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(2 * dim, dim)
+        self.act = nn.GELU()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        patches = tokens[:, 1:]
+        readout = tokens[:, :1].expand_as(patches)
+        return self.act(self.proj(torch.cat([patches, readout], dim=-1)))
+
+
+def make_readout(kind: str, dim: int) -> nn.Module:
+    """The readout module named ``kind`` (one of :data:`READOUTS`) for tokens of width ``dim``."""
+    if kind == "ignore":
+        return ReadoutIgnore()
+    if kind == "add":
+        return ReadoutAdd()
+    if kind == "project":
+        return ReadoutProject(dim)
+    raise BadConfigError(f"unknown readout {kind!r}", hint=f"Use one of {', '.join(READOUTS)}.")
+
+
+def make_resample(channels: int, scale: float) -> nn.Module:
+    """Resize a ``B x C x h x w`` map by ``scale`` (a power of two): learned, as DPT does.
+
+    ``scale > 1``: transposed convolution with kernel = stride = scale; ``1``: identity;
+    ``0.5``: 3x3 convolution with stride 2 (output ``ceil(h/2) x ceil(w/2)``).
+    """
+    if scale > 1:
+        factor = int(scale)
+        if factor != scale or factor & (factor - 1):
+            raise BadConfigError(f"reassemble scale must be a power of two, got {scale}")
+        return nn.ConvTranspose2d(channels, channels, kernel_size=factor, stride=factor)
+    if scale == 1:
+        return nn.Identity()
+    if scale == 0.5:
+        return nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
+    raise BadConfigError(f"reassemble scale {scale} is not supported (use >= 0.5)")
+
+
+class ReassembleBlock(nn.Module):
+    """One DPT reassemble stage: tokens -> readout -> image grid -> 1x1 conv -> resample.
+
+    Args:
+        embed_dim: ViT width ``C``.
+        out_channels: width of the produced map.
+        scale: resampling factor of the token grid (e.g. 4 for stride 4 from 16x16 patches).
+        readout: ``"ignore"``, ``"add"`` or ``"project"``.
+    """
+
+    def __init__(self, embed_dim: int, out_channels: int, scale: float, readout: str = "project") -> None:
+        super().__init__()
+        self.readout = make_readout(readout, embed_dim)
+        self.conv = nn.Conv2d(embed_dim, out_channels, kernel_size=1)
+        self.resample = make_resample(out_channels, scale)
+
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """``B x (1 + h*w) x C`` tokens -> ``B x out_channels x (h*scale) x (w*scale)`` map."""
+        x = self.readout(tokens).transpose(1, 2)
+        x = x.reshape(x.shape[0], x.shape[1], grid[0], grid[1])
+        return self.resample(self.conv(x))
+
+
+class DPTReassemble(nn.Module):
+    """Four reassemble blocks bringing ViT tokens to strides 4, 8, 16 and 32 of the image.
+
+    Args:
+        embed_dim: ViT width.
+        widths: channel count of each of the four maps (LSeg: ``256, 512, 1024, 1024`` for ViT-L/16,
+            ``96, 192, 384, 768`` for ViT-B/32).
+        patch_size: the ViT patch side; the token grid has stride ``patch_size``.
+        readout: how the class token enters the maps.
+    """
+
+    strides: tuple[int, int, int, int] = (4, 8, 16, 32)
+
+    def __init__(
+        self, embed_dim: int, widths: Sequence[int], patch_size: int, readout: str = "project"
+    ) -> None:
+        super().__init__()
+        if len(widths) != 4:
+            raise BadConfigError(f"DPT needs 4 reassemble widths, got {list(widths)}")
+        self.blocks = nn.ModuleList(
+            ReassembleBlock(embed_dim, width, patch_size / stride, readout)
+            for width, stride in zip(widths, self.strides, strict=True)
+        )
+
+    def forward(self, tokens: Sequence[torch.Tensor], grid: tuple[int, int]) -> list[torch.Tensor]:
+        """Four ``B x (1 + h*w) x C`` sequences -> maps ``B x widths[i] x H/s_i x W/s_i``."""
+        return [block(t, grid) for block, t in zip(self.blocks, tokens, strict=True)]
+
+
+class ResidualConvUnit(nn.Module):
+    """``x + bn2(conv2(relu(bn1(conv1(relu(x))))))`` on ``B x F x h x w``, shape-preserving.
+
+    Convolutions are 3x3; with BatchNorm they carry no bias (the norm has one), as in LSeg.
+    """
+
+    def __init__(self, features: int, use_bn: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(features, features, kernel_size=3, padding=1, bias=not use_bn)
+        self.bn1 = nn.BatchNorm2d(features) if use_bn else nn.Identity()
+        self.conv2 = nn.Conv2d(features, features, kernel_size=3, padding=1, bias=not use_bn)
+        self.bn2 = nn.BatchNorm2d(features) if use_bn else nn.Identity()
+        self.act = nn.ReLU()  # not in-place: x is reused for the residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn1(self.conv1(self.act(x)))
+        out = self.bn2(self.conv2(self.act(out)))
+        return out + x
+
+
+class FusionBlock(nn.Module):
+    """RefineNet-style fusion: ``out_conv(up2(unit(x + skip_unit(skip))))``.
+
+    Args:
+        features: width ``F`` of every map.
+        use_bn: BatchNorm inside the residual units (LSeg: True).
+        has_skip: False for the deepest block, which has no finer map to merge (the official network
+            builds a skip unit there too but never calls it; we leave it out so no parameter is unused).
+
+    ``x``: ``B x F x h x w``; ``skip``: ``B x F x h' x w'``. Output: ``B x F x 2h' x 2w'`` (or ``2h x 2w``
+    without skip). Upsampling is bilinear with ``align_corners=True`` as in LSeg.
+    """
+
+    def __init__(self, features: int, use_bn: bool = True, has_skip: bool = True) -> None:
+        super().__init__()
+        self.skip_unit = ResidualConvUnit(features, use_bn) if has_skip else None
+        self.unit = ResidualConvUnit(features, use_bn)
+        self.out_conv = nn.Conv2d(features, features, kernel_size=1)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        if skip is not None:
+            if self.skip_unit is None:
+                raise ValueError("this fusion block was built without a skip input")
+            if x.shape[-2:] != skip.shape[-2:]:
+                # Odd token grids (e.g. 25x25) make the stride-32 map round up; the official code would
+                # fail here, we align to the finer map instead. Equal sizes are untouched.
+                x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
+            x = x + self.skip_unit(skip)
+        x = self.unit(x)
+        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
+        return self.out_conv(x)
+
+
+class DPTDecoder(nn.Module):
+    """Per-level 3x3 projections to ``features`` channels, then four fusion blocks coarse-to-fine.
+
+    Args:
+        widths: channels of the four reassembled maps (strides 4, 8, 16, 32).
+        features: common decoder width (LSeg: 256).
+        use_bn: BatchNorm in the residual units.
+
+    ``proj[i]`` and ``fusion[i]`` belong to level ``i`` (0 = stride 4). Input: the four maps; output:
+    ``B x features x H/2 x W/2``.
+    """
+
+    def __init__(self, widths: Sequence[int], features: int = 256, use_bn: bool = True) -> None:
+        super().__init__()
+        self.proj = nn.ModuleList(
+            nn.Conv2d(w, features, kernel_size=3, padding=1, bias=False) for w in widths
+        )
+        self.fusion = nn.ModuleList(FusionBlock(features, use_bn, has_skip=i < 3) for i in range(4))
+
+    def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        levels = [proj(m) for proj, m in zip(self.proj, maps, strict=True)]
+        path = self.fusion[3](levels[3])
+        for i in (2, 1, 0):
+            path = self.fusion[i](path, levels[i])
+        return path

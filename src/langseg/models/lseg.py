@@ -1,0 +1,245 @@
+"""LSeg: language-driven semantic segmentation (Li et al., ICLR 2022).
+
+A ViT + DPT image encoder maps every pixel to a ``D``-dim embedding in CLIP's text space; logits are
+scaled cosine similarities with label embeddings, optionally smoothed by label-equivariant spatial
+regularisation blocks, then upsampled x2 to the input size.
+
+The network takes label *embeddings*, not text: encode the labels once with a text encoder (for LSeg,
+the frozen CLIP ViT-B/32 text tower, :class:`langseg.models.text.ClipTextEncoder`) and reuse them.
+Importing this module registers ``lseg-vitl16-384``, ``lseg-vitb32-384`` and ``lseg-tiny``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from langseg.errors import BadConfigError, BadLabelsError
+from langseg.models.backbones import TimmViTTower
+from langseg.models.dpt import DPTDecoder, DPTReassemble
+from langseg.registry import ModelEntry, register_model
+
+# The official network multiplies by exp(log(1/0.07)) = 1/0.07, a constant it never trains.
+OFFICIAL_LOGIT_SCALE = 1 / 0.07
+SPATIAL_REGS = ("none", "bottleneck", "depthwise")
+ACTIVATIONS = {"relu": nn.ReLU, "lrelu": nn.LeakyReLU, "tanh": nn.Tanh}
+
+
+class SpatialRegularizer(nn.Module):
+    """Label-equivariant smoothing of ``B x K x H x W`` logits (LSeg's spatial regularisation blocks).
+
+    One 3x3 kernel ``k`` is shared by every label channel, so permuting labels permutes the output.
+    Each step is
+
+    - ``bottleneck``: ``act(k * x + max_K(x))`` (the max over labels is broadcast back to every channel),
+    - ``depthwise``:  ``act(k * x)``,
+
+    applied ``depth`` times with the *same* kernel (as the official network does), with no activation
+    after the last step.
+
+    Args:
+        kind: ``"bottleneck"`` or ``"depthwise"``.
+        depth: number of steps (>= 1).
+        activation: ``"relu"``, ``"lrelu"`` (LeakyReLU, slope 0.01) or ``"tanh"``.
+    """
+
+    def __init__(self, kind: str = "bottleneck", depth: int = 1, activation: str = "lrelu") -> None:
+        super().__init__()
+        if kind not in ("bottleneck", "depthwise"):
+            raise BadConfigError(
+                f"unknown spatial regularisation {kind!r}", hint="Use bottleneck or depthwise."
+            )
+        if depth < 1:
+            raise BadConfigError(f"spatial regularisation depth must be >= 1, got {depth}")
+        if activation not in ACTIVATIONS:
+            raise BadConfigError(
+                f"unknown activation {activation!r}", hint=f"Use one of {list(ACTIVATIONS)}."
+            )
+        self.kind, self.depth = kind, depth
+        self.conv = nn.Conv2d(1, 1, kernel_size=3, padding=1)
+        self.act = ACTIVATIONS[activation]()
+
+    def step(self, logits: torch.Tensor, activate: bool) -> torch.Tensor:
+        """One block on ``B x K x H x W`` logits."""
+        b, k, h, w = logits.shape
+        out = self.conv(logits.reshape(b * k, 1, h, w)).reshape(b, k, h, w)
+        if self.kind == "bottleneck":
+            out = out + logits.amax(dim=1, keepdim=True)
+        return self.act(out) if activate else out
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        for index in range(self.depth):
+            logits = self.step(logits, activate=index < self.depth - 1)
+        return logits
+
+
+class LSegNet(nn.Module):
+    """ViT + DPT pixel encoder scored against label embeddings.
+
+    Args:
+        backbone: timm ViT name, or ``None`` to build ``vit_kwargs`` directly (tiny test towers).
+        hooks: ViT blocks feeding DPT (defaults per backbone).
+        vit_kwargs: extra timm keyword arguments.
+        widths: channels of the four reassembled maps.
+        features: DPT decoder width.
+        readout: ``"ignore"``, ``"add"`` or ``"project"`` (LSeg: project).
+        use_bn: BatchNorm in the fusion blocks (LSeg: True).
+        embed_dim: ``D``, pixel/text embedding width (512 for CLIP ViT-B/32).
+        spatial_reg: ``"none"``, ``"bottleneck"`` or ``"depthwise"``.
+        spatial_reg_depth: number of regularisation steps.
+        spatial_reg_activation: activation between steps.
+        logit_scale: initial multiplier of the cosine similarities (stored as its log, learnable).
+    """
+
+    def __init__(
+        self,
+        backbone: str | None = "vit_large_patch16_384",
+        hooks: tuple[int, ...] | list[int] | None = None,
+        vit_kwargs: dict[str, Any] | None = None,
+        widths: tuple[int, ...] | list[int] = (256, 512, 1024, 1024),
+        features: int = 256,
+        readout: str = "project",
+        use_bn: bool = True,
+        embed_dim: int = 512,
+        spatial_reg: str = "none",
+        spatial_reg_depth: int = 1,
+        spatial_reg_activation: str = "lrelu",
+        logit_scale: float = OFFICIAL_LOGIT_SCALE,
+    ) -> None:
+        super().__init__()
+        if spatial_reg not in SPATIAL_REGS:
+            raise BadConfigError(f"unknown spatial_reg {spatial_reg!r}", hint=f"Use one of {SPATIAL_REGS}.")
+        self.encoder = TimmViTTower(backbone, hooks=hooks, vit_kwargs=vit_kwargs)
+        self.reassemble = DPTReassemble(self.encoder.embed_dim, widths, self.encoder.patch_size[0], readout)
+        self.decoder = DPTDecoder(widths, features, use_bn)
+        self.head = nn.Conv2d(features, embed_dim, kernel_size=1)
+        # Stored as a log (CLIP convention) so that training keeps the scale positive.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(logit_scale)))
+        self.spatial_reg = (
+            None
+            if spatial_reg == "none"
+            else SpatialRegularizer(spatial_reg, spatial_reg_depth, spatial_reg_activation)
+        )
+        self.embed_dim = embed_dim
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Pixel embeddings.
+
+        Args:
+            images: ``B x 3 x H x W``, normalised with mean = std = 0.5 (LSeg), H and W multiples of the
+                patch size (32 keeps every DPT level aligned).
+
+        Returns:
+            ``B x D x H/2 x W/2`` L2-normalised pixel embeddings (cache them to try many label sets).
+        """
+        tokens, grid = self.encoder(images)
+        pixels = self.head(self.decoder(self.reassemble(tokens, grid)))
+        return F.normalize(pixels, dim=1)
+
+    def classify(self, pixel_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Score pixel embeddings against labels.
+
+        Args:
+            pixel_embeddings: ``B x D x h x w`` from :meth:`encode_image`.
+            text_embeddings: ``K x D`` label embeddings (any norm; normalised here).
+
+        Returns:
+            ``B x K x 2h x 2w`` logits: ``scale * cos(pixel, label)``, regularised, upsampled x2
+            (bilinear, ``align_corners=True``, as the official head).
+        """
+        if text_embeddings.ndim != 2 or text_embeddings.shape[0] == 0:
+            raise BadLabelsError(
+                f"expected K x D label embeddings with K >= 1, got {tuple(text_embeddings.shape)}"
+            )
+        if text_embeddings.shape[1] != pixel_embeddings.shape[1]:
+            raise BadLabelsError(
+                f"label embeddings have width {text_embeddings.shape[1]}, the model expects "
+                f"{pixel_embeddings.shape[1]}",
+                hint="Encode the labels with the text encoder that matches this model.",
+            )
+        text = F.normalize(text_embeddings.to(pixel_embeddings.dtype), dim=1)
+        logits = self.logit_scale.exp() * torch.einsum("bdhw,kd->bkhw", pixel_embeddings, text)
+        if self.spatial_reg is not None:
+            logits = self.spatial_reg(logits)
+        return F.interpolate(logits, scale_factor=2, mode="bilinear", align_corners=True)
+
+    def forward(self, images: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x H x W`` images and ``K x D`` label embeddings -> ``B x K x H x W`` logits."""
+        return self.classify(self.encode_image(images), text_embeddings)
+
+
+# --- registered variants ----------------------------------------------------------------------------
+
+LSEG_CONFIGS: dict[str, dict[str, Any]] = {
+    # The paper's model: ViT-L/16 image encoder, CLIP ViT-B/32 text space.
+    "lseg-vitl16-384": {
+        "backbone": "vit_large_patch16_384",
+        "hooks": [5, 11, 17, 23],
+        "widths": [256, 512, 1024, 1024],
+    },
+    "lseg-vitb32-384": {
+        "backbone": "vit_base_patch32_384",
+        "hooks": [2, 5, 8, 11],
+        "widths": [96, 192, 384, 768],
+    },
+    # A few-hundred-kilobyte network with the same structure as the ViT-L/16 one, for tests.
+    "lseg-tiny": {
+        "backbone": None,
+        "hooks": [0, 1, 2, 3],
+        "vit_kwargs": {"img_size": 64, "patch_size": 16, "embed_dim": 48, "depth": 4, "num_heads": 2},
+        "widths": [8, 16, 32, 32],
+        "features": 16,
+        "embed_dim": 32,
+    },
+}
+
+# Text towers whose embedding space each variant was trained in (kwargs of ClipTextEncoder).
+# LSeg uses OpenAI's CLIP ViT-B/32, hence QuickGELU.
+TEXT_ENCODER_CONFIGS: dict[str, dict[str, Any]] = {
+    "lseg-vitl16-384": {"model_name": "ViT-B-32", "quick_gelu": True},
+    "lseg-vitb32-384": {"model_name": "ViT-B-32", "quick_gelu": True},
+    "lseg-tiny": {
+        "model_name": None,
+        "quick_gelu": True,
+        "embed_dim": 32,
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+    },
+}
+
+
+def lseg_vitl16_384(**kwargs: Any) -> LSegNet:
+    """LSeg with a ViT-L/16 (384) image encoder, as in the paper."""
+    return LSegNet(**{**LSEG_CONFIGS["lseg-vitl16-384"], **kwargs})
+
+
+def lseg_vitb32_384(**kwargs: Any) -> LSegNet:
+    """LSeg with a ViT-B/32 (384) image encoder."""
+    return LSegNet(**{**LSEG_CONFIGS["lseg-vitb32-384"], **kwargs})
+
+
+def lseg_tiny(**kwargs: Any) -> LSegNet:
+    """A tiny LSeg (4-block ViT, 16-wide decoder, 32-dim embeddings) for tests."""
+    return LSegNet(**{**LSEG_CONFIGS["lseg-tiny"], **kwargs})
+
+
+def _register() -> None:
+    entries = [
+        (
+            "lseg-vitl16-384",
+            lseg_vitl16_384,
+            "LSeg, ViT-L/16 DPT image encoder, CLIP ViT-B/32 labels (paper)",
+        ),
+        ("lseg-vitb32-384", lseg_vitb32_384, "LSeg, ViT-B/32 DPT image encoder, CLIP ViT-B/32 labels"),
+        ("lseg-tiny", lseg_tiny, "LSeg architecture at toy size, random weights (tests)"),
+    ]
+    for name, builder, description in entries:
+        register_model(
+            ModelEntry(name=name, family="lseg", task="semantic", builder=builder, description=description)
+        )
+
+
+_register()
