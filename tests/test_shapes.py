@@ -146,6 +146,15 @@ def test_semantic_maps_at_each_granularity() -> None:
     assert len(label_names(config, "colour_shape")) == 1 + len(config.colours) * len(config.shapes)
 
 
+def test_excluded_pairs_never_occur_and_others_do() -> None:
+    held_out = (("red", "circle"), ("blue", "star"))
+    config = ShapeWorldConfig(exclude_pairs=held_out)
+    seen = {(o.colour, o.shape) for i in range(150) for o in render_scene(0, i, config).objects}
+    assert not seen & set(held_out)
+    assert len(seen) > 30  # the other 38 pairs keep appearing
+    assert ("red", "square") in seen and ("green", "circle") in seen  # the held-out words still occur
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -156,6 +165,7 @@ def test_semantic_maps_at_each_granularity() -> None:
         {"colours": ()},
         {"background": "fuzzy"},
         {"min_visible": 0.0},
+        {"exclude_pairs": (("red", "blob"),)},
     ],
 )
 def test_bad_config_is_a_clear_error(kwargs: dict) -> None:

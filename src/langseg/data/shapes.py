@@ -61,6 +61,8 @@ class ShapeWorldConfig:
         min_visible: smallest visible fraction of an occluded object.
         colour_jitter: per-object RGB jitter (uniform, +-), so one colour name covers a small range.
         gap: minimum gap between circumscribed circles of non-overlapping objects, fraction of ``size``.
+        exclude_pairs: ``(colour, shape)`` pairs never drawn, e.g. to hold them out for a compositional
+            zero-shot split (train without "red circle", test on it; both words were seen).
     """
 
     size: int = 256
@@ -73,6 +75,7 @@ class ShapeWorldConfig:
     min_visible: float = 0.4
     colour_jitter: int = 12
     gap: float = 0.02
+    exclude_pairs: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.size < 32:
@@ -90,6 +93,11 @@ class ShapeWorldConfig:
         if self.background not in ("plain", "noise", "texture"):
             raise BadConfigError(
                 f"unknown background {self.background!r}", hint="Use plain, noise or texture."
+            )
+        pairs = [(c, s) for c in self.colours for s in self.shapes]
+        if any(tuple(p) not in pairs for p in self.exclude_pairs) or len(self.exclude_pairs) >= len(pairs):
+            raise BadConfigError(
+                f"exclude_pairs must be (colour, shape) pairs of this world, not all: {self.exclude_pairs}"
             )
         if not 0.0 < self.min_visible <= 1.0:
             raise BadConfigError(f"min_visible must be in (0, 1], got {self.min_visible}")
@@ -238,9 +246,18 @@ def _background(rng: np.random.Generator, config: ShapeWorldConfig) -> np.ndarra
     return np.full((n, n, 3), level, dtype=np.uint8)
 
 
+def allowed_pairs(config: ShapeWorldConfig) -> list[tuple[str, str]]:
+    """The ``(colour, shape)`` pairs this world draws."""
+    excluded = {tuple(p) for p in config.exclude_pairs}
+    return [(c, s) for c in config.colours for s in config.shapes if (c, s) not in excluded]
+
+
 def _sample_object(rng: np.random.Generator, config: ShapeWorldConfig, index: int) -> ShapeObject:
-    shape = config.shapes[int(rng.integers(len(config.shapes)))]
-    colour = config.colours[int(rng.integers(len(config.colours)))]
+    if config.exclude_pairs:
+        colour, shape = allowed_pairs(config)[int(rng.integers(len(allowed_pairs(config))))]
+    else:  # two independent draws: the stream every default world was rendered with
+        shape = config.shapes[int(rng.integers(len(config.shapes)))]
+        colour = config.colours[int(rng.integers(len(config.colours)))]
     size = SIZES[int(rng.integers(2))]
     low, high = _RADIUS_RANGE[size]
     radius = float(rng.uniform(low, high)) * config.size

@@ -137,6 +137,7 @@ def _config_from_json(data: dict) -> ShapeWorldConfig:
     data = dict(data)
     for key in ("shapes", "colours"):
         data[key] = tuple(data[key])
+    data["exclude_pairs"] = tuple(tuple(p) for p in data.get("exclude_pairs", ()))
     return ShapeWorldConfig(**data)
 
 
