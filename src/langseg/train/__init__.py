@@ -1,0 +1,43 @@
+"""The shared training engine (LSeg, VLT, the toy task): configs, transforms, losses, optimiser, fit.
+
+Quick use::
+
+    from langseg.train import fit, load_config
+    result = fit(load_config("configs/toy_shapes.yaml", ["optim.lr=0.05"]))
+
+or ``langseg train configs/toy_shapes.yaml optim.lr=0.05 [--resume auto]``, and under ``torchrun`` for
+several processes. A task registers a builder with :func:`register_task`; see :mod:`langseg.train.tasks`
+for the train-module contract.
+"""
+
+from langseg.train.config import DataConfig, OptimConfig, TrainConfig, load_config
+from langseg.train.engine import FitResult, TrainState, evaluate, fit
+from langseg.train.tasks import (
+    ReferringEvaluator,
+    SemanticEvaluator,
+    TaskParts,
+    build_dataset,
+    get_task,
+    list_tasks,
+    register_dataset,
+    register_task,
+)
+
+__all__ = [
+    "DataConfig",
+    "FitResult",
+    "OptimConfig",
+    "ReferringEvaluator",
+    "SemanticEvaluator",
+    "TaskParts",
+    "TrainConfig",
+    "TrainState",
+    "build_dataset",
+    "evaluate",
+    "fit",
+    "get_task",
+    "list_tasks",
+    "load_config",
+    "register_dataset",
+    "register_task",
+]
