@@ -66,7 +66,9 @@ def make_resample(channels: int, scale: float) -> nn.Module:
     """Resize a ``B x C x h x w`` map by ``scale`` (a power of two): learned, as DPT does.
 
     ``scale > 1``: transposed convolution with kernel = stride = scale; ``1``: identity;
-    ``0.5``: 3x3 convolution with stride 2 (output ``ceil(h/2) x ceil(w/2)``).
+    ``1/f`` (f = 2, 4, ...): convolution with kernel ``f + 1``, stride ``f`` and padding ``f / 2`` (output
+    ``ceil(h/f) x ceil(w/f)``); for f = 2 that is DPT's 3x3 stride-2 convolution. Factors below 1/2
+    arise for patch-8 towers (small models on small images), never for the published variants.
     """
     if scale > 1:
         factor = int(scale)
@@ -75,9 +77,10 @@ def make_resample(channels: int, scale: float) -> nn.Module:
         return nn.ConvTranspose2d(channels, channels, kernel_size=factor, stride=factor)
     if scale == 1:
         return nn.Identity()
-    if scale == 0.5:
-        return nn.Conv2d(channels, channels, kernel_size=3, stride=2, padding=1)
-    raise BadConfigError(f"reassemble scale {scale} is not supported (use >= 0.5)")
+    factor = round(1 / scale)
+    if scale <= 0 or abs(factor * scale - 1) > 1e-9 or factor & (factor - 1):
+        raise BadConfigError(f"reassemble scale must be a power of two, got {scale}")
+    return nn.Conv2d(channels, channels, kernel_size=factor + 1, stride=factor, padding=factor // 2)
 
 
 class ReassembleBlock(nn.Module):

@@ -10,6 +10,8 @@ several processes. A task registers a builder with :func:`register_task`; see :m
 for the train-module contract.
 """
 
+# Task modules register themselves on import.
+from langseg.train import lseg_task as _lseg_task  # noqa: F401
 from langseg.train.config import DataConfig, OptimConfig, TrainConfig, load_config
 from langseg.train.engine import FitResult, TrainState, evaluate, fit
 from langseg.train.tasks import (

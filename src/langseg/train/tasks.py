@@ -156,6 +156,8 @@ def _world_config(kwargs: dict[str, Any]) -> ShapeWorldConfig:
             hint=f"Valid: num_scenes, seed and the ShapeWorldConfig fields {', '.join(_WORLD_FIELDS)}.",
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # YAML lists
+    if "exclude_pairs" in kwargs:
+        kwargs["exclude_pairs"] = tuple(tuple(pair) for pair in kwargs["exclude_pairs"])
     return ShapeWorldConfig(**kwargs)
 
 
