@@ -1,0 +1,178 @@
+"""Sentence encoders for referring segmentation: word features, their mask and one sentence feature.
+
+Every encoder here maps ``(token_ids: B x L, token_mask: B x L bool)`` to
+
+- ``words``: ``B x L x C`` per-token features (zero at padding),
+- ``mask``: the ``B x L`` bool mask, passed through,
+- ``sentence``: ``B x C`` one feature for the whole expression,
+
+which is what VLT consumes (``words`` feed the Query Generation Module, ``sentence`` the fusion).
+
+:class:`GRUTextEncoder` is the paper's: word embeddings -> bidirectional GRU whose two directions are
+*summed* -> attention pooling (official ``model/language_backbone.py``). :class:`ClipWordEncoder` adapts
+an open_clip text tower. A Hugging Face (BERT) encoder is not provided: ``transformers`` is not a
+dependency, and the two above cover the paper and the CLIP text space.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from langseg.errors import BadConfigError, BadExpressionError
+
+TextOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _check_tokens(token_ids: torch.Tensor, token_mask: torch.Tensor) -> None:
+    if token_ids.ndim != 2 or token_ids.shape != token_mask.shape or token_ids.shape[0] == 0:
+        raise BadExpressionError(
+            f"expected B x L token ids and an equal B x L mask, got {tuple(token_ids.shape)} and "
+            f"{tuple(token_mask.shape)}",
+            hint="Tokenise with the model's tokenizer (Vocab.encode_batch) or use the Referrer.",
+        )
+
+
+class GRUTextEncoder(nn.Module):
+    """Word embeddings -> bi-GRU (directions summed) -> per-channel attention pooling.
+
+    Args:
+        vocab_size: rows of the embedding table (``len(vocab)``, ``<pad>`` = 0 included).
+        word_dim: embedding width (official: 300-d spaCy vectors, fixed; here learnt).
+        hidden_dim: GRU width ``C`` (official ``rnn_hidden_size`` 1024).
+        bidirectional: run a backward GRU too; its output is added to the forward one (Keras
+            ``merge_mode="sum"``), so ``C`` does not double.
+        dropout: dropout on the GRU input (Keras ``GRU(dropout=0.1)``).
+        pooling: ``"attention"`` (official ``lang_att: True``) or ``"last"`` (final GRU states).
+        attention_dropout: dropout on the attention scores before the softmax (official 0.1).
+
+    Attention pooling, as the official code: ``a = softmax_L(tanh(W h + b))`` taken *per channel* (``a`` is
+    ``B x L x C``) and ``sentence = sum_L a * h``. Unlike the official code, padding is masked: the GRU
+    runs on packed sequences and padded words get no attention, so an expression's features do not
+    depend on how much padding its batch has.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        word_dim: int = 300,
+        hidden_dim: int = 1024,
+        bidirectional: bool = True,
+        dropout: float = 0.1,
+        pooling: str = "attention",
+        attention_dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if vocab_size < 3:
+            raise BadConfigError(f"vocab_size must be at least 3 (<pad>, <unk> and a word), got {vocab_size}")
+        if pooling not in ("attention", "last"):
+            raise BadConfigError(f"unknown pooling {pooling!r}", hint="Use attention or last.")
+        self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
+        self.input_dropout = nn.Dropout(dropout)
+        self.gru = nn.GRU(word_dim, hidden_dim, batch_first=True, bidirectional=bidirectional)
+        self.pooling = pooling
+        self.attention = nn.Linear(hidden_dim, hidden_dim) if pooling == "attention" else None
+        self.attention_dropout = nn.Dropout(attention_dropout)
+        self.output_dim = hidden_dim
+        self.bidirectional = bidirectional
+
+    def run_gru(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B x L x C word features, zero at pads; B x C last states summed over directions)``."""
+        lengths = token_mask.sum(1).clamp(min=1).cpu()  # an empty row still reads its first (pad) slot
+        x = self.input_dropout(self.embed(token_ids))
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        out, last = self.gru(packed)
+        words, _ = pad_packed_sequence(out, batch_first=True, total_length=token_ids.shape[1])
+        if self.bidirectional:
+            words = words.view(*words.shape[:2], 2, -1).sum(2)
+        return words, last.sum(0)
+
+    def pool(self, words: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """Attention pooling of ``B x L x C`` words into ``B x C`` (see class docstring)."""
+        assert self.attention is not None
+        scores = self.attention_dropout(torch.tanh(self.attention(words)))
+        scores = scores.masked_fill(~token_mask[..., None], float("-inf"))
+        # A row without any real token would give 0/0; let it attend to its (zero) pads instead.
+        empty = ~token_mask.any(1)
+        if empty.any():
+            scores[empty] = 0.0
+        return (scores.softmax(dim=1) * words).sum(1)
+
+    def forward(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> TextOutput:
+        """``(B x L x C words, B x L mask, B x C sentence)`` for ``B x L`` ids and bool mask."""
+        _check_tokens(token_ids, token_mask)
+        token_mask = token_mask.bool()
+        words, last = self.run_gru(token_ids.long(), token_mask)
+        sentence = self.pool(words, token_mask) if self.pooling == "attention" else last
+        return words, token_mask, sentence
+
+
+class ClipWordEncoder(nn.Module):
+    """An open_clip text tower returning per-token features and the pooled sentence embedding.
+
+    Args:
+        model_name, pretrained, quick_gelu, embed_dim, text_cfg: as
+            :class:`langseg.models.text.ClipTextEncoder` (``None`` model name + cfg for a tiny tower).
+        trainable: fine-tune the tower (default: frozen, as CLIP text towers usually are).
+
+    Token features are ``ln_final`` outputs passed through the tower's text projection, so words and
+    sentence share CLIP's embedding width ``D``; the sentence is CLIP's own pooled (end-of-text) token.
+    Tokenise with :class:`langseg.models.vocab.ClipTokenizer` (id 0 = padding).
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = "ViT-B-32",
+        pretrained: str | None = None,
+        *,
+        quick_gelu: bool | None = None,
+        embed_dim: int | None = None,
+        text_cfg: dict[str, Any] | None = None,
+        trainable: bool = False,
+    ) -> None:
+        super().__init__()
+        from langseg.models.text import ClipTextEncoder
+
+        clip = ClipTextEncoder(
+            model_name, pretrained, quick_gelu=quick_gelu, embed_dim=embed_dim, text_cfg=text_cfg
+        )
+        self.text = clip.text
+        self.text.output_tokens = True
+        for param in self.text.parameters():
+            param.requires_grad_(trainable)
+        self.output_dim = int(self.text.output_dim)
+
+    def forward(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> TextOutput:
+        """``(B x L x D words, B x L mask, B x D sentence)``; ``L`` at most the tower's context."""
+        _check_tokens(token_ids, token_mask)
+        if token_ids.shape[1] > self.text.context_length:
+            raise BadExpressionError(
+                f"{token_ids.shape[1]} tokens exceed the text context of {self.text.context_length}"
+            )
+        length = token_ids.shape[1]
+        # open_clip's causal mask is built for the full context: pad back to it, then drop the padding.
+        padded = F.pad(token_ids.long(), (0, self.text.context_length - length))
+        sentence, tokens = self.text(padded)
+        tokens = tokens[:, :length]
+        projection = self.text.text_projection
+        if isinstance(projection, nn.Linear):
+            tokens = projection(tokens)
+        elif projection is not None:
+            tokens = tokens @ projection
+        token_mask = token_mask.bool()
+        return tokens * token_mask[..., None], token_mask, sentence
+
+
+def build_text_encoder(config: dict[str, Any]) -> nn.Module:
+    """A text encoder from ``{"kind": "gru" | "clip", **kwargs}`` (kwargs of the class)."""
+    kwargs = dict(config)
+    kind = kwargs.pop("kind", "gru")
+    if kind == "gru":
+        return GRUTextEncoder(**kwargs)
+    if kind == "clip":
+        return ClipWordEncoder(**kwargs)
+    raise BadConfigError(f"unknown text encoder {kind!r}", hint="Use 'gru' (paper) or 'clip'.")

@@ -1,0 +1,173 @@
+"""Referrer and vocabulary: tokenisation, letterboxing, one image encoding, bad input, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import langseg
+from langseg.errors import BadDataError, BadExpressionError, BadImageError, MissingWeightsError
+from langseg.models.vlt import save_vlt, vlt_tiny
+from langseg.models.vocab import PAD_ID, UNK_ID, ClipTokenizer, Vocab, split_words, tokenizer_from_config
+from langseg.predict.referrer import ExpressionWarning, Letterbox, Placement, Referrer
+
+CORPUS = ["the red circle on the left", "the large blue square", "the star above the red circle"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def red_referrer(input_size: int = 32) -> Referrer:
+    """A hand-made 'model': foreground where the input is red, at half resolution (output stride 2)."""
+
+    def decode(features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = 20 * (features[:, :1] - features[:, 2:3]) - 5  # red ~ +12, grey padding -5, blue -22
+        return F.avg_pool2d(logits, 2).expand(ids.shape[0], -1, -1, -1)
+
+    return Referrer(lambda x: x, decode, Vocab.build(CORPUS), input_size)
+
+
+def red_left(height: int = 40, width: int = 100) -> np.ndarray:
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, : width * 3 // 10, 0] = 220
+    image[:, width * 3 // 10 :, 2] = 220
+    return image
+
+
+# --------------------------------------------------------------------------- vocabulary
+
+
+def test_vocab_build_encode_truncate_and_json_round_trip(tmp_path: Path) -> None:
+    vocab = Vocab.build(CORPUS)
+    assert vocab.itos[:4] == ["<pad>", "<unk>", "the", "circle"]  # by count, ties alphabetically
+    assert len(vocab) == 2 + len(set(split_words(" ".join(CORPUS))))
+    assert split_words("The RED-circle, on the left!") == ["the", "red", "circle", "on", "the", "left"]
+    assert vocab.encode("The zebra") == [vocab.stoi["the"], UNK_ID]
+    ids, mask = vocab.encode_batch(["the red circle", "star"])
+    assert ids.shape == (2, 3) and ids[1, 1:].tolist() == [PAD_ID, PAD_ID]
+    assert mask.tolist() == [[True, True, True], [True, False, False]]
+    long = " ".join(["red"] * 20)
+    assert len(vocab.encode(long)) == 15 and vocab.count(long) == 20
+    assert len(Vocab.build(CORPUS, max_tokens=4).encode(long)) == 4
+    loaded = Vocab.load(vocab.save(tmp_path / "vocab.json"))
+    assert loaded.itos == vocab.itos and loaded.max_tokens == 15
+    assert torch.equal(loaded.encode_batch(CORPUS)[0], vocab.encode_batch(CORPUS)[0])
+    assert vocab.decode(vocab.encode("the red zebra")) == "the red <unk>"
+    assert isinstance(tokenizer_from_config(json.loads((tmp_path / "vocab.json").read_text())), Vocab)
+    clip = tokenizer_from_config(ClipTokenizer("ViT-B-32").to_config())
+    assert isinstance(clip, ClipTokenizer) and clip.max_tokens == 77
+    with pytest.raises(BadDataError):
+        tokenizer_from_config({"kind": "bert"})
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(BadDataError):
+        Vocab.load(tmp_path / "bad.json")
+
+
+# --------------------------------------------------------------------------- predictor
+
+
+def test_letterbox_maps_the_mask_back_to_the_original_size() -> None:
+    place = Placement.fit(100, 40, 32)
+    assert (place.nw, place.nh, place.dx, place.dy) == (32, 12, 0, 10)  # official: int(), centred
+    ref = red_referrer()
+    result = ref.refer(red_left(), "the red circle")
+    assert result.mask.shape == (40, 100) and result.mask.dtype == bool
+    assert result.mask[:, :27].all() and not result.mask[:, 33:].any()
+    # The score is the mean probability over the mask: high for a confident red region (its blurred
+    # edge, after stride-2 output and two resizes, keeps it below 1).
+    assert 0.85 < result.score < 1.0 and result.text == "the red circle"
+    kept = ref.refer(red_left(), "the red circle", keep_probability=True)
+    assert kept.probability.shape == (40, 100)
+    assert kept.score == pytest.approx(float(kept.probability[kept.mask].mean()), abs=1e-6)
+    # Tall images are padded left and right instead.
+    tall = ref.refer(red_left(90, 30).transpose(1, 0, 2).copy(), "the red circle")
+    assert tall.mask.shape == (30, 90)
+
+
+def test_empty_mask_scores_its_best_pixel() -> None:
+    ref = red_referrer()
+    blue = np.zeros((20, 20, 3), np.uint8)
+    blue[..., 2] = 200
+    result = ref.refer(blue, "the red circle", keep_probability=True)
+    assert not result.mask.any() and result.score == pytest.approx(float(result.probability.max()))
+    assert result.score < 0.35
+
+
+def test_image_is_encoded_once_for_many_expressions() -> None:
+    ref = red_referrer()
+    ref.set_image(red_left())
+    first = ref.refer("the red circle")
+    ref.refer(text="the large blue square")
+    results = ref.refer_all(None, ["the star", "the circle on the left", "the red circle"])
+    assert ref.image_encodings == 1 and len(results) == 3
+    assert np.array_equal(results[2].mask, first.mask)
+    ref.refer(red_left(), "the red circle")  # a new image is a new encoding
+    assert ref.image_encodings == 2
+
+
+def test_bad_expressions() -> None:
+    ref = red_referrer()
+    ref.set_image(red_left())
+    for bad in ("", "   ", "?!", "123 456", "🔵🔴"):
+        with pytest.raises(BadExpressionError) as info:
+            ref.refer(bad)
+        assert info.value.hint
+    with pytest.raises(BadExpressionError, match="string"):
+        ref.refer(text=42)  # type: ignore[arg-type]
+    with pytest.raises(BadImageError, match="no image"):
+        red_referrer().refer("the red circle")
+    with pytest.warns(ExpressionWarning, match="limit of 15"):
+        result = ref.refer(" ".join(["the red circle"] * 7))
+    assert result.mask.shape == (40, 100)
+    with pytest.warns(ExpressionWarning, match="function words"):
+        ref.refer("the one on the")
+    for foreign in ("le grand cercle à gauche", "左边的大圆", "der rote Kreis"):
+        with pytest.warns(ExpressionWarning, match="vocabulary"):
+            assert ref.refer(foreign).mask.shape == (40, 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ordinary expression with an unknown word is not a warning
+        ref.refer("the red zebra")
+
+
+def test_checkpoint_round_trip_through_the_hub(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    vocab = Vocab.build(CORPUS)
+    model = vlt_tiny(text={"kind": "gru", "vocab_size": len(vocab), "word_dim": 32, "hidden_dim": 32})
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so that eval mode matters
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+    image = (np.random.default_rng(0).random((48, 80, 3)) * 255).astype(np.uint8)
+    original = Referrer.from_model(model, vocab, letterbox=Letterbox())
+    expected = original.refer(image, "the red circle", keep_probability=True)
+    folder = save_vlt(model, vocab, tmp_path / "ckpt", "vlt-tiny")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model"] == "vlt-tiny" and config["tokenizer"]["words"] == vocab.itos[2:]
+    for loaded in (langseg.load(folder), langseg.load("vlt-tiny", weights=folder / "model.safetensors")):
+        assert isinstance(loaded, Referrer)
+        got = loaded.refer(image, "the red circle", keep_probability=True)
+        assert np.allclose(got.probability, expected.probability, atol=1e-6)
+        assert np.array_equal(got.mask, expected.mask) and got.score == pytest.approx(expected.score)
+    with pytest.raises(MissingWeightsError, match="no published weights"):
+        langseg.load("vlt-tiny")
+    config["tokenizer"]["words"] += [f"word{i}" for i in range(5)]  # ids the embedding table lacks
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BadDataError, match="vocabulary has"):
+        langseg.load(folder)
+    del config["tokenizer"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BadDataError, match="tokenizer"):
+        langseg.load(folder)
