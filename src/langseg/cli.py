@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Make and inspect datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+convert_app = typer.Typer(help="Convert official checkpoints to langseg folders.", no_args_is_help=True)
+app.add_typer(convert_app, name="convert")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -108,6 +110,83 @@ def data_shapes(
     console.print(f"wrote {num} scenes (seed {seed}) to {out}")
 
 
+@convert_app.command("lseg-official")
+def convert_lseg(
+    ckpt: Path = typer.Argument(..., help="Official LSeg Lightning checkpoint, e.g. demo_e200.ckpt."),
+    out_dir: Path = typer.Argument(
+        ..., help="Folder to write model.safetensors, text_encoder.safetensors and config.json."
+    ),
+    variant: str | None = typer.Option(
+        None, "--variant", help="lseg-vitl16-384 or lseg-vitb32-384 (default: read from the checkpoint)."
+    ),
+    arch_option: int | None = typer.Option(
+        None, "--arch-option", help="Official spatial regularisation: 0 none, 1 bottleneck, 2 depthwise."
+    ),
+    block_depth: int | None = typer.Option(None, "--block-depth", help="Official block_depth."),
+    activation: str | None = typer.Option(None, "--activation", help="Official activation: lrelu or tanh."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a converted model already in OUT_DIR."
+    ),
+) -> None:
+    """Convert an official LSeg checkpoint (isl-org/lang-seg) into a folder langseg.load() reads."""
+    from langseg.convert.lseg_official import CONFIG_FILE, convert_lseg_official
+    from langseg.errors import OutputError
+
+    if (out_dir / CONFIG_FILE).exists() and not overwrite:
+        raise OutputError(
+            f"{out_dir} already holds a converted model", hint="Choose another folder, or pass --overwrite."
+        )
+    folder = convert_lseg_official(
+        ckpt, out_dir, variant, arch_option=arch_option, block_depth=block_depth, activation=activation
+    )
+    console.print(f"converted {ckpt} to {folder}; load it with langseg.load({str(folder)!r})")
+
+
+@app.command()
+def segment(
+    image: Path = typer.Argument(..., help="Image file to segment."),
+    labels: str = typer.Option(
+        ..., "--labels", help='Comma-separated labels, e.g. "cat,sofa,other"; join synonyms with ";".'
+    ),
+    model: str = typer.Option("naclip-vit-b16", "--model", help="Registered name, or mode:ARCH/TAG."),
+    weights: Path | None = typer.Option(None, "--weights", help="Local checkpoint to use instead."),
+    out: Path | None = typer.Option(None, "--out", help="Overlay PNG (default: ./IMAGE_STEM.overlay.png)."),
+    mask: Path | None = typer.Option(None, "--mask", help="Also write the label-index mask PNG here."),
+    background_threshold: float | None = typer.Option(
+        None, "--background-threshold", help="Pixels less sure than this go to 'background'/'other'."
+    ),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+) -> None:
+    """Segment IMAGE into free-text labels; write the overlay (and mask) PNG and print label areas."""
+    import numpy as np
+    from PIL import Image
+
+    import langseg
+    from langseg.errors import OutputError
+
+    out = out or Path(f"{image.stem}.overlay.png")
+    for target in (out, mask):
+        if target is not None and target.exists() and not overwrite:
+            raise OutputError(f"{target} already exists", hint="Choose another path, or pass --overwrite.")
+    segmenter = langseg.load(model, weights=weights, device=device)
+    result = segmenter.segment(
+        image, labels=[part.strip() for part in labels.split(",")], background_threshold=background_threshold
+    )
+    try:
+        result.overlay().save(out)
+        if mask is not None:  # 8-bit PNG up to 256 labels, else 16-bit
+            dtype = np.uint8 if len(result.labels) <= 256 else np.uint16
+            Image.fromarray(result.mask.astype(dtype)).save(mask)
+    except OSError as err:
+        raise OutputError(f"cannot write the output: {err}") from err
+    table = Table("label", "area")
+    for label, share in sorted(result.areas().items(), key=lambda item: -item[1]):
+        table.add_row(label, f"{100 * share:.1f}%")
+    console.print(table)
+    console.print(f"wrote {out}" + (f" and {mask}" if mask is not None else ""))
+
+
 def print_error(err: LangsegError) -> None:
     """Message and hint, no traceback."""
     err_console.print(f"[bold red]error:[/] {err.message}", highlight=False)
@@ -121,6 +200,85 @@ def main() -> None:
     except LangsegError as err:
         print_error(err)
         sys.exit(2)
+
+
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="YAML training recipe, e.g. configs/toy_shapes.yaml."),
+    overrides: list[str] | None = typer.Argument(
+        None, help="dotted key=value overrides, e.g. optim.lr=0.001 data.batch_size=4.", show_default=False
+    ),
+    resume: str | None = typer.Option(
+        None, "--resume", help="Checkpoint file, run folder, or 'auto' (newest in out_dir, else fresh)."
+    ),
+) -> None:
+    """Train a model from a YAML recipe; run under torchrun for several processes or GPUs."""
+    import os
+
+    from langseg.train import fit, load_config
+
+    result = fit(load_config(config, overrides or []), resume=resume)
+    if os.environ.get("RANK", "0") == "0":
+        scores = result.metrics or {}
+        summary = "".join(f", {k} {v:.4f}" for k, v in scores.items() if "/" not in k)
+        console.print(f"trained to step {result.state.step}/{result.total_steps}{summary}")
+        if result.checkpoint is not None:
+            console.print(f"checkpoint: {result.checkpoint}")
+
+
+@app.command("eval")
+def eval_(
+    model: str = typer.Argument(..., help="Registered name, or a langseg checkpoint folder."),
+    data: str = typer.Option(..., "--data", help="Dataset name, e.g. shapeworld-semantic, ade20k, refcoco."),
+    root: Path | None = typer.Option(None, "--root", help="Dataset root folder (real benchmarks)."),
+    split: str | None = typer.Option(None, "--split", help="Dataset split, e.g. val, testA."),
+    data_args: list[str] | None = typer.Option(
+        None, "--data-arg", help="Extra dataset setting KEY=VALUE (YAML value), repeatable."
+    ),
+    weights: Path | None = typer.Option(None, "--weights", help="Local weights for a registered name."),
+    plan: str | None = typer.Option(None, "--plan", help="Test-time plan: single or paper (LSeg)."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate the first N samples only."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the scores as JSON here."),
+) -> None:
+    """Score a model on a dataset (mIoU/pixAcc, or oIoU/mIoU/Pr@k); shard it with torchrun."""
+    import json
+    import os
+
+    import yaml
+
+    import langseg
+    from langseg.errors import BadConfigError, OutputError
+    from langseg.evaluate import evaluate
+    from langseg.train.config import DataConfig
+    from langseg.train.tasks import build_dataset
+
+    kwargs: dict = {}
+    for item in data_args or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BadConfigError(f"--data-arg expects KEY=VALUE, got {item!r}")
+        kwargs[key.strip()] = yaml.safe_load(value)
+    if root is not None:
+        kwargs["root"] = str(root)
+    if split is not None:
+        kwargs["split"] = split
+    dataset = build_dataset(DataConfig(name=data, kwargs=kwargs))
+    options = {} if plan is None else {"plan": plan}
+    predictor = langseg.load(model, weights=weights, device=device, **options)
+    scores = evaluate(predictor, dataset, limit=limit)
+    if os.environ.get("RANK", "0") != "0":
+        return
+    table = Table("metric", "value", title=f"{model} on {data}")
+    for key, value in scores.items():
+        if "/" not in key:
+            table.add_row(key, f"{value:.4f}")
+    console.print(table)
+    if out is not None:
+        try:
+            out.write_text(json.dumps(scores, indent=2))
+        except OSError as err:
+            raise OutputError(f"cannot write {out}: {err.strerror or err}") from err
 
 
 if __name__ == "__main__":

@@ -15,10 +15,16 @@ Its logit scale is ``exp(log(1/0.07))`` held as a plain tensor attribute, so it 
 checkpoint; we set our learnable ``logit_scale`` to that value. Every official key is either mapped or
 matched by an explicit "unused by the official forward" rule; anything else, any key we lack and any
 shape mismatch is a :class:`BadDataError` naming the keys.
+
+Checkpoints are read with ``weights_only=True``. Lightning also pickles a few of its own classes into
+them (hyper-parameters as an ``AttributeDict``, and before PL 1.5 callback *classes* as the keys of
+``"callbacks"``), which safe loading refuses; :data:`LIGHTNING_STAND_INS` maps exactly those names onto
+inert stand-ins for the duration of one load, so neither Lightning nor any of its code is needed.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -101,6 +107,40 @@ _INVERSE: list[tuple[str, str]] = [
 ]
 
 
+class _PlainDict:
+    """Stand-in for Lightning's ``AttributeDict``: unpickles as a plain, empty ``dict`` that the unpickler
+    then fills item by item (``SETITEMS`` only fills exact dicts, so a dict subclass would not do)."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[misc]
+        return {}
+
+
+class LightningNamespace(argparse.Namespace):
+    """Stand-in for a pickled ``argparse.Namespace``: its attributes are restored, nothing else runs."""
+
+
+def _marker(path: str) -> type:
+    """An empty class standing in for the Lightning class ``path`` (callback classes used as dict keys)."""
+    return type(path.rsplit(".", 1)[1], (), {"__module__": __name__, "__doc__": f"Stand-in for {path}."})
+
+
+_ATTRIBUTE_DICTS = (
+    "pytorch_lightning.utilities.parsing.AttributeDict",  # PL 1.x, the official checkpoints
+    "lightning_fabric.utilities.data.AttributeDict",  # PL 2.x
+    "lightning.fabric.utilities.data.AttributeDict",
+)
+_CALLBACK_KEYS = (  # PL < 1.5 keyed callback states by the callback's class
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "pytorch_lightning.callbacks.early_stopping.EarlyStopping",
+)
+# (stand-in, fully qualified name) pairs for torch.serialization.safe_globals (torch >= 2.5).
+LIGHTNING_STAND_INS: list[tuple[Any, str]] = [
+    *((_PlainDict, name) for name in _ATTRIBUTE_DICTS),
+    (LightningNamespace, "argparse.Namespace"),
+    *((_marker(name), name) for name in _CALLBACK_KEYS),
+]
+
+
 class ConvertedLSeg(NamedTuple):
     """An official checkpoint in langseg layout (float32 tensors, our key names)."""
 
@@ -121,12 +161,16 @@ def read_official_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, to
     """``(state_dict, hyper_parameters)`` of a Lightning checkpoint, loaded without running pickled code."""
     path = Path(path)
     if not path.is_file():
-        raise MissingWeightsError(f"no checkpoint at {path}")
+        raise MissingWeightsError(
+            f"no checkpoint at {path}", hint="Check the path to the official .ckpt (see docs/lseg.md)."
+        )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        # Scoped, not global: other torch.load calls in the process keep the default allowlist.
+        with torch.serialization.safe_globals(LIGHTNING_STAND_INS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise BadDataError(
-            f"{path} contains pickled objects that safe loading refuses: {str(error).splitlines()[0]}",
+            f"{path} contains pickled objects that safe loading refuses: {_refused(path, error)}",
             hint="Only tensors and plain containers are read. In an environment you trust, re-save just the "
             "weights: torch.save({'state_dict': torch.load(p, weights_only=False)['state_dict']}, out).",
         ) from error
@@ -136,19 +180,37 @@ def read_official_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, to
         raise BadDataError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     state = ckpt.get("state_dict", ckpt)
     hyper = ckpt.get("hyper_parameters") or {}
+    hyper = vars(hyper) if isinstance(hyper, argparse.Namespace) else hyper  # hparams saved as a Namespace
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise BadDataError(f"{path} has no tensor state_dict")
     return state, dict(hyper) if isinstance(hyper, dict) else {}
 
 
+def _refused(path: Path, error: Exception) -> str:
+    """The globals ``path`` pickles that no stand-in covers (read from its opcodes; nothing runs)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # legacy or damaged files: fall back to torch's own message
+        names = []
+    covered = {name for _, name in LIGHTNING_STAND_INS}
+    names = [name for name in names if name not in covered]
+    return ", ".join(names) if names else str(error).splitlines()[0]
+
+
 def _resolve_variant(state: dict[str, torch.Tensor], hyper: dict[str, Any], variant: str | None) -> str:
+    backbone = hyper.get("backbone")
     if variant is not None:
         if variant not in LSEG_CONFIGS:
             raise BadConfigError(
                 f"unknown LSeg variant {variant!r}", hint=f"Use one of {sorted(LSEG_CONFIGS)}."
             )
+        trained = _BACKBONE_VARIANTS.get(backbone) if isinstance(backbone, str) else None
+        if trained is not None and trained != variant:  # say so now rather than list 500 shape mismatches
+            raise BadConfigError(
+                f"this checkpoint was trained as {trained} (backbone {backbone}), not {variant}",
+                hint=f"Load it as {trained!r} (variant={trained!r}), or leave the variant out to infer it.",
+            )
         return variant
-    backbone = hyper.get("backbone")
     if backbone is not None:
         if backbone not in _BACKBONE_VARIANTS:
             raise BadConfigError(
@@ -250,6 +312,7 @@ def official_to_langseg(
     _raise_on_problems(variant, arch, missing, unexpected, mismatched)
     config = {
         "format": "langseg",
+        "model": variant,  # the registry name langseg.load() builds the predictor from
         "family": "lseg",
         "variant": variant,
         "kwargs": kwargs,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-_MODEL_MODULES: tuple[str, ...] = ("lseg",)
+_MODEL_MODULES: tuple[str, ...] = ("lseg", "vlt", "dense_clip_zoo")
 
 for _name in _MODEL_MODULES:
     try:

@@ -6,22 +6,29 @@ regularisation blocks, then upsampled x2 to the input size.
 
 The network takes label *embeddings*, not text: encode the labels once with a text encoder (for LSeg,
 the frozen CLIP ViT-B/32 text tower, :class:`langseg.models.text.ClipTextEncoder`) and reuse them.
-Importing this module registers ``lseg-vitl16-384``, ``lseg-vitb32-384`` and ``lseg-tiny``.
+Importing this module registers ``lseg-vitl16-384``, ``lseg-vitb32-384`` and ``lseg-tiny``; their
+registry loader (:func:`load_lseg_segmenter`, used by :func:`langseg.load`) wraps the network in a
+:class:`langseg.predict.Segmenter`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from langseg.errors import BadConfigError, BadLabelsError
+from langseg.errors import BadConfigError, BadLabelsError, MissingWeightsError
 from langseg.models.backbones import TimmViTTower
 from langseg.models.dpt import DPTDecoder, DPTReassemble
 from langseg.registry import ModelEntry, register_model
+
+if TYPE_CHECKING:  # the predictor layer is imported lazily: building a network needs none of it
+    from langseg.models.text import ClipTextEncoder
+    from langseg.predict import InferencePlan, Segmenter
 
 # The official network multiplies by exp(log(1/0.07)) = 1/0.07, a constant it never trains.
 OFFICIAL_LOGIT_SCALE = 1 / 0.07
@@ -93,6 +100,8 @@ class LSegNet(nn.Module):
         spatial_reg_depth: number of regularisation steps.
         spatial_reg_activation: activation between steps.
         logit_scale: initial multiplier of the cosine similarities (stored as its log, learnable).
+        conv_stem: convolutional patch embedding (small models trained from scratch; see
+            :func:`langseg.models.backbones.conv_patch_stem`).
     """
 
     def __init__(
@@ -109,11 +118,12 @@ class LSegNet(nn.Module):
         spatial_reg_depth: int = 1,
         spatial_reg_activation: str = "lrelu",
         logit_scale: float = OFFICIAL_LOGIT_SCALE,
+        conv_stem: bool = False,
     ) -> None:
         super().__init__()
         if spatial_reg not in SPATIAL_REGS:
             raise BadConfigError(f"unknown spatial_reg {spatial_reg!r}", hint=f"Use one of {SPATIAL_REGS}.")
-        self.encoder = TimmViTTower(backbone, hooks=hooks, vit_kwargs=vit_kwargs)
+        self.encoder = TimmViTTower(backbone, hooks=hooks, vit_kwargs=vit_kwargs, conv_stem=conv_stem)
         self.reassemble = DPTReassemble(self.encoder.embed_dim, widths, self.encoder.patch_size[0], readout)
         self.decoder = DPTDecoder(widths, features, use_bn)
         self.head = nn.Conv2d(features, embed_dim, kernel_size=1)
@@ -226,6 +236,146 @@ def lseg_tiny(**kwargs: Any) -> LSegNet:
     return LSegNet(**{**LSEG_CONFIGS["lseg-tiny"], **kwargs})
 
 
+# --- predictor --------------------------------------------------------------------------------------
+# Kept beside the builders so that each registry entry carries its loader; everything on the predictor
+# side (tokenizer, Segmenter, plans, checkpoint files) is imported inside the functions.
+
+# What the official code feeds CLIP: the raw label text (lseg_net.py: clip.tokenize(labelset)), with
+# ViT-B/32's tokenizer, and images normalised with mean = std = 0.5 (lseg_module.py, lseg_app.py).
+LSEG_TOKENIZER = "ViT-B-32"
+LSEG_MEAN = LSEG_STD = (0.5, 0.5, 0.5)
+PLAN_NAMES = ("single", "paper")
+
+
+def lseg_plan(name: str) -> InferencePlan:
+    """A named test-time plan.
+
+    - ``"single"``: the long side resized to 480 (the training crop), one pass, no flip.
+    - ``"paper"``: the official evaluation (additional_utils/models.py, test_lseg.py): the long side
+      resized to ``s * 520`` for ``s`` in 0.5 ... 1.75, 480 windows every ``int(480 * 2/3) = 320`` pixels,
+      plus the horizontal flip.
+    """
+    from langseg.predict.tta import PAPER_SCALES, InferencePlan
+
+    if name == "single":
+        return InferencePlan(base_size=480)
+    if name == "paper":
+        return InferencePlan(crop=480, stride=320, scales=PAPER_SCALES, base_size=520, flip=True)
+    raise BadConfigError(f"unknown LSeg plan {name!r}", hint=f"Use one of {PLAN_NAMES} or an InferencePlan.")
+
+
+class LSegCallables:
+    """The three model callables a :class:`~langseg.predict.Segmenter` needs, over one loaded LSeg.
+
+    Reach it from a predictor as ``segmenter.encode_image.__self__`` (``.net``, ``.text_encoder``).
+    """
+
+    def __init__(self, net: LSegNet, text_encoder: ClipTextEncoder, tokenizer: Callable[..., Any]) -> None:
+        self.net, self.text_encoder, self.tokenizer = net, text_encoder, tokenizer
+        self.dtype = next(net.parameters()).dtype
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x H x W`` float32 normalised images -> ``B x D x H/2 x W/2`` pixel embeddings."""
+        return self.net.encode_image(images.to(self.dtype))  # bf16 weights take bf16 inputs
+
+    def dense_logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Pixel embeddings and ``K x D`` label embeddings -> ``B x K x H x W`` logits."""
+        return self.net.classify(features, text)
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """``K`` label texts -> ``K x D`` embeddings (the raw text, as the official code feeds CLIP)."""
+        tokens = self.tokenizer(prompts).to(next(self.text_encoder.parameters()).device)
+        return self.text_encoder.encode(tokens)
+
+
+def lseg_segmenter(
+    net: LSegNet,
+    text_encoder: ClipTextEncoder,
+    device: str | torch.device = "cpu",
+    *,
+    plan: str | InferencePlan = "single",
+    dtype: torch.dtype | str = torch.float32,
+    **segmenter_options: Any,
+) -> Segmenter:
+    """Wrap an LSeg network and its text encoder in a :class:`~langseg.predict.Segmenter`.
+
+    Args:
+        net, text_encoder: the model (moved to ``device``, set to eval mode).
+        device: where the model runs.
+        plan: ``"single"`` (default), ``"paper"`` (see :func:`lseg_plan`) or an ``InferencePlan``.
+        dtype: weight dtype of the image network, e.g. ``torch.bfloat16`` (inputs are cast to it; logits
+            come back float32). The text tower stays float32: it runs once per label set, and in bf16 on
+            CPU it was 2.5x slower (its batched matmuls copy their operands).
+        segmenter_options: ``max_labels``, ``text_cache_size``, ``feature_cache_bytes``, ``preprocess``.
+    """
+    import open_clip
+
+    from langseg.predict import Preprocess, Segmenter
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)  # type: ignore[assignment]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise BadConfigError(f"dtype must be a float dtype such as torch.bfloat16, got {dtype!r}")
+    plan = lseg_plan(plan) if isinstance(plan, str) else plan
+    net = net.to(device=device, dtype=dtype).eval()
+    text_encoder = text_encoder.to(device=device, dtype=torch.float32).eval()
+    parts = LSegCallables(net, text_encoder, open_clip.get_tokenizer(LSEG_TOKENIZER))
+    # Pad to the patch size (odd token grids are fine). When the plan resizes to a base size, shrink big
+    # photos with PIL's antialiasing to the plan's largest side first, before its own bilinear resizing.
+    largest = 2048 if plan.base_size is None else max(1, round(max(plan.scales) * plan.base_size))
+    segmenter_options.setdefault(
+        "preprocess",
+        Preprocess(max_side=largest, pad_multiple=net.encoder.patch_size[0], mean=LSEG_MEAN, std=LSEG_STD),
+    )
+    return Segmenter(
+        parts.encode_image,
+        parts.dense_logits,
+        parts.encode_text,
+        plan=plan,
+        device=device,
+        **segmenter_options,
+    )
+
+
+def load_lseg_segmenter(
+    entry: ModelEntry,
+    weights: Any = None,
+    device: str | torch.device = "cpu",
+    *,
+    arch_option: int | None = None,
+    block_depth: int | None = None,
+    activation: str | None = None,
+    **options: Any,
+) -> Segmenter:
+    """The registry loader of the LSeg entries (``langseg.load``): a ready ``Segmenter``.
+
+    Args:
+        entry: the registry entry (its name is the variant).
+        weights: a converted folder (or its ``model.safetensors``) or an official ``.ckpt``.
+        device: where the model runs.
+        arch_option, block_depth, activation: official spatial-regularisation options (official ckpt only).
+        options: ``plan``, ``dtype`` and Segmenter options, see :func:`lseg_segmenter`.
+    """
+    from langseg.convert.lseg_official import load_lseg
+
+    if weights is None:
+        raise MissingWeightsError(
+            f"{entry.name!r} has no published langseg weights yet",
+            hint="Convert the official checkpoint once (`langseg convert lseg-official demo_e200.ckpt "
+            "lseg-vitl16/`, see docs/lseg.md), then langseg.load('lseg-vitl16/'); or pass "
+            f"langseg.load({entry.name!r}, weights='path/to/official.ckpt').",
+        )
+    net, text_encoder, config = load_lseg(
+        weights, variant=entry.name, arch_option=arch_option, block_depth=block_depth, activation=activation
+    )
+    if config.get("variant") != entry.name:
+        raise BadConfigError(
+            f"{weights} holds {config.get('variant')!r}, not {entry.name!r}",
+            hint=f"Load it as langseg.load({str(weights)!r}) (its config.json names the model).",
+        )
+    return lseg_segmenter(net, text_encoder, device, **options)
+
+
 def _register() -> None:
     entries = [
         (
@@ -238,7 +388,14 @@ def _register() -> None:
     ]
     for name, builder, description in entries:
         register_model(
-            ModelEntry(name=name, family="lseg", task="semantic", builder=builder, description=description)
+            ModelEntry(
+                name=name,
+                family="lseg",
+                task="semantic",
+                builder=builder,
+                description=description,
+                loader=load_lseg_segmenter,
+            )
         )
 
 

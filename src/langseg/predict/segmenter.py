@@ -107,6 +107,9 @@ class Segmenter:
         max_labels: refuse larger label sets (memory grows with labels x pixels).
         text_cache_size: label sets whose embeddings are kept.
         feature_cache_bytes: keep image features up to this size for repeated calls on one image.
+        refine: optional ``refine(logits: 1 x K x h x w, image: 1 x 3 x h x w) -> 1 x K x h x w`` applied
+            to the plan's logits at the working resolution, with the normalised working image, before
+            the upsampling to the original size (e.g. :class:`langseg.models.pamr.PAMR`).
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class Segmenter:
         max_labels: int = 1024,
         text_cache_size: int = 16,
         feature_cache_bytes: int = 1 << 30,
+        refine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.encode_image, self.dense_logits, self.encode_text = encode_image, dense_logits, encode_text
         self.plan = plan or InferencePlan()
@@ -127,6 +131,7 @@ class Segmenter:
         self.device = torch.device(device)
         self.max_labels = max_labels
         self.text_cache_size, self.feature_cache_bytes = text_cache_size, feature_cache_bytes
+        self.refine = refine
         self._text_cache: OrderedDict[tuple[tuple[str, ...], ...], _LabelSet] = OrderedDict()
         self._image: np.ndarray | None = None
         self._input: torch.Tensor | None = None
@@ -233,9 +238,13 @@ class Segmenter:
             return logits[..., :height, :width]
 
         working_logits = run_plan(logits_fn, self._input, self.plan)
+        if self.refine is not None:
+            working_logits = self.refine(working_logits, self._input)
         height, width = self._image.shape[:2]
         need_probs = keep_scores or background is not None
-        mask, probs = upsample_argmax(working_logits, (height, width), keep_probabilities=need_probs)
+        # Bands of at most ~2**25 values per temporary: many labels on a huge image must not exhaust memory.
+        band = max(1, min(512, (1 << 25) // (working_logits.shape[1] * width)))
+        mask, probs = upsample_argmax(working_logits, (height, width), band, keep_probabilities=need_probs)
         if background is not None and probs is not None:
             mask[probs.max(0).values < background_threshold] = background
         return SegmentationResult(
