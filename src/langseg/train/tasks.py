@@ -297,3 +297,6 @@ def build_toy_semantic(config: TrainConfig) -> TaskParts:
 
 
 register_task("toy-semantic", build_toy_semantic)
+
+# Last, so that register_dataset exists when it runs (it imports this module back).
+import langseg.data.registry  # noqa: E402, F401  registers the benchmark datasets
