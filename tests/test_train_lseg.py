@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import langseg
 from langseg.errors import BadConfigError
-from langseg.train import fit, load_config
+from langseg.evaluate import evaluate
+from langseg.train import build_dataset, fit, load_config
+from langseg.train.export import export_checkpoint
 from langseg.train.lseg_task import build_lseg_semantic
 
 TEXT = "{model_name: null, quick_gelu: true, embed_dim: 32, text_cfg: {context_length: 8, vocab_size: 49408, width: 32, heads: 2, layers: 1}}"  # noqa: E501
@@ -46,11 +49,15 @@ def lseg_config(out_dir: Path, *overrides: str):
 
 
 def test_lseg_learns_shapeworld_colours(tmp_path: Path) -> None:
-    config = lseg_config(tmp_path / "run", "max_steps=40", "epochs=20")
+    config = lseg_config(tmp_path / "run", "max_steps=40", "epochs=20", "checkpoint_every=40")
     module = build_lseg_semantic(config).module
     batch = {"image": torch.zeros(1, 3, 64, 64), "mask": torch.zeros(1, 64, 64, dtype=torch.long)}
     assert module(batch)["logits"].shape == (1, 9, 64, 64)  # background + 8 colours
     result = fit(config)
+    # The exported model, loaded as a predictor, scores the held-out scenes exactly as training did.
+    folder = export_checkpoint(config, "auto", tmp_path / "model")
+    scores = evaluate(langseg.load(folder), build_dataset(config.val_data), progress=False)
+    assert scores["mIoU"] == pytest.approx(result.metrics["mIoU"], abs=1e-6)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     losses = [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
     assert losses[-1] < 0.5 * losses[0]

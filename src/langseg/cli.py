@@ -281,5 +281,20 @@ def eval_(
             raise OutputError(f"cannot write {out}: {err.strerror or err}") from err
 
 
+@app.command("export")
+def export(
+    config: Path = typer.Argument(..., help="The YAML recipe the model was trained with."),
+    out_dir: Path = typer.Argument(..., help="Folder to write the model into (langseg.load reads it)."),
+    checkpoint: str = typer.Option("auto", "--checkpoint", help="Checkpoint file, run folder or auto."),
+    overrides: list[str] | None = typer.Option(None, "--set", help="Config override KEY=VALUE, repeatable."),
+) -> None:
+    """Export a trained checkpoint as a model folder for `langseg.load`, `segment` and `eval`."""
+    from langseg.train import load_config
+    from langseg.train.export import export_checkpoint
+
+    folder = export_checkpoint(load_config(config, overrides or []), checkpoint, out_dir)
+    console.print(f"exported to {folder}; load it with langseg.load({str(folder)!r})")
+
+
 if __name__ == "__main__":
     main()

@@ -244,13 +244,15 @@ def lseg_tiny(**kwargs: Any) -> LSegNet:
 # ViT-B/32's tokenizer, and images normalised with mean = std = 0.5 (lseg_module.py, lseg_app.py).
 LSEG_TOKENIZER = "ViT-B-32"
 LSEG_MEAN = LSEG_STD = (0.5, 0.5, 0.5)
-PLAN_NAMES = ("single", "paper")
+PLAN_NAMES = ("single", "paper", "native")
 
 
 def lseg_plan(name: str) -> InferencePlan:
     """A named test-time plan.
 
     - ``"single"``: the long side resized to 480 (the training crop), one pass, no flip.
+    - ``"native"``: the image as it is (padded to the patch size), one pass: for models trained at
+      another resolution, such as the ShapeWorld recipe (96 pixels); exported models record it.
     - ``"paper"``: the official evaluation (additional_utils/models.py, test_lseg.py): the long side
       resized to ``s * 520`` for ``s`` in 0.5 ... 1.75, 480 windows every ``int(480 * 2/3) = 320`` pixels,
       plus the horizontal flip.
@@ -259,6 +261,8 @@ def lseg_plan(name: str) -> InferencePlan:
 
     if name == "single":
         return InferencePlan(base_size=480)
+    if name == "native":
+        return InferencePlan()
     if name == "paper":
         return InferencePlan(crop=480, stride=320, scales=PAPER_SCALES, base_size=520, flip=True)
     raise BadConfigError(f"unknown LSeg plan {name!r}", hint=f"Use one of {PLAN_NAMES} or an InferencePlan.")
@@ -319,7 +323,10 @@ def lseg_segmenter(
     plan = lseg_plan(plan) if isinstance(plan, str) else plan
     net = net.to(device=device, dtype=dtype).eval()
     text_encoder = text_encoder.to(device=device, dtype=torch.float32).eval()
-    parts = LSegCallables(net, text_encoder, open_clip.get_tokenizer(LSEG_TOKENIZER))
+    # The tokenizer pads to the text tower's own context (77 for CLIP; small towers trained on
+    # ShapeWorld use fewer positions).
+    tokenizer = open_clip.get_tokenizer(LSEG_TOKENIZER, context_length=text_encoder.context_length)
+    parts = LSegCallables(net, text_encoder, tokenizer)
     # Pad to the patch size (odd token grids are fine). When the plan resizes to a base size, shrink big
     # photos with PIL's antialiasing to the plan's largest side first, before its own bilinear resizing.
     largest = 2048 if plan.base_size is None else max(1, round(max(plan.scales) * plan.base_size))
@@ -373,6 +380,8 @@ def load_lseg_segmenter(
             f"{weights} holds {config.get('variant')!r}, not {entry.name!r}",
             hint=f"Load it as langseg.load({str(weights)!r}) (its config.json names the model).",
         )
+    # A model trained by langseg records the plan it suits (e.g. its training resolution).
+    options.setdefault("plan", config.get("predict", {}).get("plan", "single"))
     return lseg_segmenter(net, text_encoder, device, **options)
 
 

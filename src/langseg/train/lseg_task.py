@@ -18,14 +18,17 @@ arguments; default: the variant's own text tower), ``freeze_text`` (bool), ``pro
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
+from safetensors.torch import save_file
 from torch import nn
 
-from langseg.errors import BadConfigError
-from langseg.models.lseg import TEXT_ENCODER_CONFIGS, LSegNet
+from langseg.errors import BadConfigError, OutputError
+from langseg.models.lseg import LSEG_CONFIGS, TEXT_ENCODER_CONFIGS, LSegNet
 from langseg.models.text import ClipTextEncoder
 from langseg.registry import get_model_entry
 from langseg.train.config import TrainConfig
@@ -78,6 +81,8 @@ class LSegTrainModule(nn.Module):
         self.register_buffer("train_ids", torch.tensor(ids), persistent=False)
         self.register_buffer("to_train_index", lookup, persistent=False)
         self._frozen_text: torch.Tensor | None = None
+        # What export() records so that langseg.load() can rebuild the predictor (set by the builder).
+        self.export_config: dict[str, Any] = {}
 
     def text_embeddings(self) -> torch.Tensor:
         """``K x D`` embeddings of every label (cached when the text tower is frozen)."""
@@ -100,6 +105,32 @@ class LSegTrainModule(nn.Module):
         """``B x H x W`` full class indices, choosing among *all* labels (seen and unseen)."""
         return self.net(batch["image"], self.text_embeddings()).argmax(dim=1)
 
+    def export(self, out_dir: str | Path) -> Path:
+        """Write the trained network and text tower as a langseg LSeg folder that ``langseg.load`` reads
+        (the converter's layout: ``model.safetensors``, ``text_encoder.safetensors``, ``config.json``)."""
+        from langseg.convert.lseg_official import CONFIG_FILE, NET_FILE, TEXT_FILE
+
+        out = Path(out_dir)
+        config = {
+            "format": "langseg",
+            "family": "lseg",
+            **self.export_config,
+            "weights": NET_FILE,
+            # Trained at the dataset's resolution: predict on images as they come, not resized to 480.
+            "predict": {"plan": "native"},
+            "text_encoder": {**self.export_config.get("text_encoder", {}), "weights": TEXT_FILE},
+            "labels": self.labels,
+        }
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for name, module in ((NET_FILE, self.net), (TEXT_FILE, self.text_encoder)):
+                tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+                save_file(tensors, str(out / name), metadata={"format": "pt"})
+            (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        except OSError as err:
+            raise OutputError(f"cannot export the model to {out}: {err.strerror or err}") from err
+        return out
+
     def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
         """The official recipe: the ViT and its reassemble projections at ``base_lr``; the DPT fusion
         blocks, head, regularisation, logit scale (and a trainable text tower) at ``head_lr_mult`` x."""
@@ -120,7 +151,9 @@ def build_lseg_semantic(config: TrainConfig) -> TaskParts:
     if entry.family != "lseg":
         raise BadConfigError(f"task lseg-semantic trains LSeg models, not {entry.name!r}")
     net = entry.builder(**{**entry.kwargs, **kwargs})
+    base_kwargs = dict(LSEG_CONFIGS.get(entry.name, {}))
     text_encoder = ClipTextEncoder(**(text_kwargs or TEXT_ENCODER_CONFIGS[entry.name]))
+    net_kwargs = {**entry.kwargs, **kwargs}
     train = build_dataset(config.data)
     val = build_dataset(config.val_data) if config.val_data is not None else None
     labels = list(getattr(train, "labels", []))
@@ -132,6 +165,7 @@ def build_lseg_semantic(config: TrainConfig) -> TaskParts:
     if unknown:
         raise BadConfigError(f"train_exclude_labels names labels the dataset lacks: {unknown}")
     train_ids = [i for i, name in enumerate(labels) if name not in excluded]
+    text_kwargs = text_kwargs or TEXT_ENCODER_CONFIGS[entry.name]
     module = LSegTrainModule(
         net,
         text_encoder,
@@ -142,6 +176,13 @@ def build_lseg_semantic(config: TrainConfig) -> TaskParts:
         head_lr_mult=config.optim.head_lr_mult,
         ignore_index=config.data.ignore_index,
     )
+    module.export_config = {
+        "model": entry.name,
+        "variant": entry.name,
+        "kwargs": {**base_kwargs, **net_kwargs},
+        "text_encoder": {"kwargs": dict(text_kwargs)},
+        "source": {"trained": "langseg train", "task": "lseg-semantic", "data": config.data.name},
+    }
     return TaskParts(module, train, val, SemanticEvaluator(len(labels), labels, config.data.ignore_index))
 
 
