@@ -164,7 +164,7 @@ def test_second_call_with_the_same_labels_encodes_no_text(ckpt) -> None:
 # ------------------------------------------------------------------------------- missing weights
 
 
-def test_offline_missing_weights_is_an_instant_clear_error(tmp_path, monkeypatch) -> None:
+def test_offline_missing_weights_is_an_instant_clear_error(ckpt, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     start = time.perf_counter()
@@ -182,7 +182,7 @@ def test_offline_missing_weights_is_an_instant_clear_error(tmp_path, monkeypatch
     start = time.perf_counter()
     assert not zoo.hub_reachable() and time.perf_counter() - start < 3.5
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(zoo, "_offline", lambda: False)
+    monkeypatch.setattr(zoo, "hub_offline", lambda: False)
     monkeypatch.setattr(zoo, "hub_reachable", lambda timeout=3.0: False)
     with pytest.raises(MissingWeightsError, match="cannot be reached"):
         langseg.load("clearclip-vit-b16", cache_dir=tmp_path / "empty")

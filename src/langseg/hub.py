@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError
@@ -61,7 +64,50 @@ def resolve_weights(spec: WeightsSpec | None, name: str, path: str | Path | None
     return _download(spec, name, cached)
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set now (huggingface_hub reads it only at import)."""
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+    return flag or bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint accepts a TCP connection within ``timeout`` seconds.
+
+    huggingface_hub retries unreachable hosts with backoff (~25 s per file); this probe turns "no network"
+    into an immediate error. Behind a proxy the probe cannot tell, so it answers True and the hub's own
+    timeouts apply.
+    """
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    address = (url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80))
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection(address, timeout=timeout):
+                answer.append(True)
+        except OSError:
+            answer.append(False)
+
+    # A thread bounds the DNS lookup too, which socket timeouts do not cover.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
+
+
 def _download(spec: WeightsSpec, name: str, target: Path) -> Path:
+    hint = (
+        f"Without a network, put the file at {target} (cache: {cache_dir()}, set LANGSEG_CACHE to move it), "
+        "or pass a local checkpoint path."
+    )
+    if hub_offline() or not hub_reachable():
+        raise MissingWeightsError(
+            f"{spec.filename} for {name!r} is not cached and the hub is offline", hint=hint
+        )
     try:
         from huggingface_hub import hf_hub_download
 
@@ -71,8 +117,7 @@ def _download(spec: WeightsSpec, name: str, target: Path) -> Path:
     except Exception as err:  # any network, auth or offline failure ends the same way for the user
         raise MissingWeightsError(
             f"cannot download {spec.filename} for {name!r} from {spec.repo} ({type(err).__name__})",
-            hint=f"Without a network, put the file at {target} (cache: {cache_dir()}, set LANGSEG_CACHE to "
-            "move it), or pass a local checkpoint path.",
+            hint=hint,
         ) from err
     return Path(file)
 

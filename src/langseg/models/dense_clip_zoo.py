@@ -11,14 +11,11 @@ Offline, a missing file is a :class:`MissingWeightsError` at once, never a hang.
 from __future__ import annotations
 
 import os
-import socket
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import open_clip
 import torch
@@ -26,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from langseg.errors import BadConfigError, BadDataError, MissingWeightsError, UnknownModelError
+from langseg.hub import hub_offline, hub_reachable
 from langseg.models.dense_clip import MODES, DenseCLIP, dense_logits
 from langseg.models.pamr import NACLIP_DILATIONS, NACLIP_ITERATIONS, PAMR
 from langseg.predict.segmenter import CLIP_MEAN, CLIP_STD, Preprocess, Segmenter
@@ -252,40 +250,6 @@ def open_clip_cache(cache_dir: str | Path | None = None) -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-    return flag or bool(constants.HF_HUB_OFFLINE)
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face endpoint accepts a TCP connection within ``timeout`` seconds.
-
-    huggingface_hub retries unreachable hosts with backoff (~25 s per file); this probe turns "no network"
-    into an immediate error. Behind a proxy the probe cannot tell, so it answers True and the hub's own
-    timeouts apply.
-    """
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    address = (url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80))
-    answer: list[bool] = []
-
-    def probe() -> None:
-        try:
-            with socket.create_connection(address, timeout=timeout):
-                answer.append(True)
-        except OSError:
-            answer.append(False)
-
-    # A thread bounds the DNS lookup too, which socket timeouts do not cover.
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(answer and answer[0])
-
-
 def open_clip_checkpoint(arch: str, tag: str, cache_dir: str | Path | None = None) -> str:
     """Local file of open_clip's ``arch``/``tag`` weights: from the cache, else downloaded by open_clip.
 
@@ -318,7 +282,7 @@ def open_clip_checkpoint(arch: str, tag: str, cache_dir: str | Path | None = Non
         "fill it, or pass a local open_clip checkpoint (.bin, .pt or .safetensors): "
         "langseg.load(name, weights=PATH) or `langseg segment ... --weights PATH`."
     )
-    if _offline():
+    if hub_offline():
         raise MissingWeightsError(f"{wanted} is not in the cache and HF_HUB_OFFLINE is set", hint=hint)
     if not hub_reachable():
         raise MissingWeightsError(f"{wanted} is not in the cache and the hub cannot be reached", hint=hint)

@@ -88,6 +88,9 @@ def _from_array(array: np.ndarray) -> np.ndarray:
         raise BadImageError(f"expected an H x W or H x W x 1/3/4 image, got shape {tuple(array.shape)}")
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise BadImageError(f"the image is empty (shape {tuple(array.shape)})")
+    if array.dtype == np.uint8 and array.shape[-1] == 3:  # already what we want: no float round trip
+        # A copy when needed: arrays from PIL are read-only, and callers may hand them to torch.
+        return array if array.flags.c_contiguous and array.flags.writeable else np.array(array)
     rgb = _to_float01(array)
     if rgb.shape[-1] == 4:  # composite over white
         alpha = rgb[..., 3:]

@@ -12,6 +12,7 @@ for the train-module contract.
 
 # Task modules register themselves on import.
 from langseg.train import lseg_task as _lseg_task  # noqa: F401
+from langseg.train import vlt_task as _vlt_task  # noqa: F401
 from langseg.train.config import DataConfig, OptimConfig, TrainConfig, load_config
 from langseg.train.engine import FitResult, TrainState, evaluate, fit
 from langseg.train.tasks import (
