@@ -12,7 +12,6 @@ import json
 import math
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import langseg
-from langseg.cli import main
 from langseg.errors import (
     BadConfigError,
     BadDataError,
@@ -37,6 +35,7 @@ from langseg.models import dense_clip_zoo as zoo
 from langseg.models.dense_clip import DenseCLIP
 from langseg.models.pamr import pamr, pamr_affinity
 from langseg.registry import get_model_entry
+from tests.test_cli import run_cli
 
 TINY, OTHER = "langseg-test-tiny-vit", "langseg-test-tiny-vit-wide"
 TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
@@ -388,18 +387,6 @@ def test_huge_image_stays_in_memory_bounds(ckpt) -> None:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["langseg", *args])
-    monkeypatch.setenv("COLUMNS", "200")
-    try:
-        main()
-        code = 0
-    except SystemExit as exit_:
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_segment_writes_overlay_and_mask(ckpt, tmp_path, monkeypatch, capsys) -> None:

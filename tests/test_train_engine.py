@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from langseg.cli import main
 from langseg.errors import BadConfigError, OutputError
 from langseg.train import (
     DataConfig,
@@ -27,6 +25,7 @@ from langseg.train import checkpoint as ckpt
 from langseg.train.checkpoint import find_latest_checkpoint, save_checkpoint, seed_everything
 from langseg.train.tasks import build_toy_semantic
 from langseg.train.transforms import collate, normalize
+from tests.test_cli import run_cli
 
 
 @pytest.fixture(autouse=True)
@@ -230,14 +229,7 @@ def test_cli_train_and_resume(tmp_path: Path, monkeypatch, capsys) -> None:
     )
 
     def run(*args: str) -> tuple[int, str]:
-        monkeypatch.setattr(sys, "argv", ["langseg", "train", str(recipe), *args])
-        monkeypatch.setenv("COLUMNS", "200")
-        try:
-            main()
-            code = 0
-        except SystemExit as exit_:
-            code = int(exit_.code or 0)
-        out, err = capsys.readouterr()
+        code, out, err = run_cli(monkeypatch, capsys, "train", str(recipe), *args)
         return code, out + err
 
     out_dir = tmp_path / "run"
