@@ -88,3 +88,24 @@ def test_two_ranks_give_the_single_process_scores(tmp_path: Path) -> None:
     assert one.keys() == two.keys()
     for key in one:
         assert np.isclose(one[key], two[key], equal_nan=True), key
+
+
+def test_fewshot_scores_follow_the_zero_shot_protocol() -> None:
+    """Hand-worked: class 3 has two samples, class 7 one; mIoU averages per-class foreground IoUs."""
+    from langseg.evaluate import FewShotMetrics
+
+    def masks(pred: list[int], target: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor([pred]), torch.tensor([target])
+
+    metrics = FewShotMetrics()
+    metrics.update(3, *masks([1, 1, 0, 0], [1, 0, 0, 0]))  # class 3: I=1, U=2
+    metrics.update(3, *masks([1, 1, 1, 0], [1, 1, 255, 0]))  # class 3: I=2, U=2 (255 ignored)
+    metrics.update(7, *masks([0, 0, 0, 0], [0, 0, 1, 1]))  # class 7: I=0, U=2
+    scores = metrics.compute()
+    # Foreground IoU: class 3 = (1 + 2) / (2 + 2) = 0.75, class 7 = 0 / 2 = 0 -> mIoU 0.375.
+    assert scores.miou == pytest.approx(0.375) and scores.classes == 2
+    # All samples pooled: fg I=3, U=6 -> 0.5; bg: pred-bg & target-bg = 1 + 1 + 2 = 4 ... see below.
+    # Pooled confusion over labelled pixels (rows target, cols pred):
+    #   bg->bg: sample1 {2,3}=2, sample2 {3}=1, sample3 {0,1}=2 -> 5;  bg->fg: sample1 {1}=1 -> 1
+    #   fg->bg: sample3 {2,3}=2 -> 2;  fg->fg: 1 + 2 = 3.  bg IoU = 5 / (5 + 1 + 2) = 0.625, fg = 3 / 6 = 0.5.
+    assert scores.fb_iou == pytest.approx((0.625 + 0.5) / 2)
