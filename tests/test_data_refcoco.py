@@ -22,12 +22,7 @@ from tests.test_data_semantic import photo
 SIZES = {1: (24, 32), 2: (20, 16)}  # image id -> (H, W)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sentence(sent_id: int, text: str) -> dict:

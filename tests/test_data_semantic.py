@@ -28,12 +28,7 @@ from langseg.errors import BadConfigError, BadDataError
 SIZE = (24, 32)  # H, W: small, and not square so that a transposed read would show
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def photo(rng: np.random.Generator, size: tuple[int, int]) -> np.ndarray:

@@ -23,12 +23,7 @@ from tests.test_data_semantic import write_voc
 TEXT = "{model_name: null, quick_gelu: true, embed_dim: 32, text_cfg: {context_length: 8, vocab_size: 49408, width: 32, heads: 2, layers: 1}}"  # noqa: E501
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_eval_voc2012_with_an_lseg_folder(tmp_path: Path, monkeypatch, capsys) -> None:

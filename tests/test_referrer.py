@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +20,7 @@ from langseg.predict.referrer import ExpressionWarning, Letterbox, Placement, Re
 CORPUS = ["the red circle on the left", "the large blue square", "the star above the red circle"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def red_referrer(input_size: int = 32) -> Referrer:

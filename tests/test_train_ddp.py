@@ -15,15 +15,7 @@ import torch
 from langseg.train import build_dataset, evaluate, fit, load_config
 from langseg.train.tasks import build_toy_semantic
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waiting makes
-    these tests an order of magnitude slower; one thread keeps them fast and their timing stable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 WORKER = textwrap.dedent(

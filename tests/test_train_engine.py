@@ -27,15 +27,7 @@ from langseg.train.tasks import build_toy_semantic
 from langseg.train.transforms import collate, normalize
 from tests.test_cli import run_cli
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spin-waiting makes
-    these tests an order of magnitude slower; one thread keeps them fast and their timing stable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL_DATA = "data.kwargs={num_scenes: 12, size: 32, granularity: colour}"

@@ -19,12 +19,7 @@ from langseg.train.lseg_task import build_lseg_semantic
 TEXT = "{model_name: null, quick_gelu: true, embed_dim: 32, text_cfg: {context_length: 8, vocab_size: 49408, width: 32, heads: 2, layers: 1}}"  # noqa: E501
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lseg_config(out_dir: Path, *overrides: str):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,14 +17,7 @@ from langseg.models.vlt import VLT, vlt_loss, vlt_tiny
 from langseg.models.vlt_modules import QueryBalance, QueryGeneration, coord_channels, sine_1d, sine_2d
 from langseg.models.vocab import ClipTokenizer, Vocab
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors run fastest on one thread; more threads oversubscribe shared CI cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(module: nn.Module | None) -> int:
