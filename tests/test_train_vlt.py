@@ -121,7 +121,7 @@ def test_ablation_switches_and_vocabulary_reach_the_model(tmp_path: Path) -> Non
 def test_saved_model_loads_as_a_referrer_with_the_same_masks(
     trained: tuple[FitResult, Path], tmp_path: Path
 ) -> None:
-    result, _ = trained
+    result, run_dir = trained
     module = result.module.eval()
     dataset = build_dataset(vlt_config(tmp_path / "d").val_data)
     batch = first_batch(module, dataset, count=6)
@@ -137,7 +137,7 @@ def test_saved_model_loads_as_a_referrer_with_the_same_masks(
     assert np.allclose(config["preprocess"]["mean"], CLIP_MEAN) and np.allclose(
         config["preprocess"]["std"], CLIP_STD
     )
-    exported = export_vlt(result.checkpoint, tmp_path / "exported")
+    exported = export_vlt(run_dir, tmp_path / "exported")  # the run folder's newest checkpoint
     for path in (folder, exported):
         referrer = langseg.load(path, threshold=threshold)
         assert isinstance(referrer, Referrer)
@@ -180,3 +180,5 @@ def test_export_refuses_other_checkpoints(tmp_path: Path) -> None:
     torch.save({"format": "langseg-train-checkpoint", "task": "toy-semantic", "model": {}}, path)
     with pytest.raises(BadDataError, match="vlt-referring"):
         export_vlt(path, tmp_path / "out")
+    with pytest.raises(BadConfigError, match="no step"):
+        export_vlt(tmp_path, tmp_path / "out")

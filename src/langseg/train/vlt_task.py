@@ -162,6 +162,10 @@ class VLTTrainModule(nn.Module):
         """``B x H x W`` bool masks at the image size (probability > ``threshold``)."""
         return self.probability(batch) > self.threshold
 
+    def export(self, out_dir: str | Path) -> Path:
+        """Write this trained model as a folder ``langseg.load`` reads (``langseg export`` calls it)."""
+        return save_trained_vlt(self, out_dir)
+
     def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
         """Backbone (and Darknet top) at ``base_lr``; fusion, text, transformer and head at
         ``base_lr * head_lr_mult`` (a pretrained backbone wants the smaller rate)."""
@@ -359,20 +363,27 @@ def save_trained_vlt(module: VLTTrainModule, out_dir: str | Path, name: str | No
 
 
 def export_vlt(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """A training checkpoint (``step_*.pt`` of a ``vlt-referring`` run) -> a ``langseg.load`` folder.
+    """A ``vlt-referring`` training checkpoint -> a folder that :func:`langseg.load` reads as a Referrer.
 
-    The network is rebuilt from the checkpoint's config and its vocabulary, without the dataset.
+    Args:
+        checkpoint: a ``step_*.pt`` file, or a run's ``out_dir`` (its newest checkpoint is used).
+        out_dir: the folder to write (``model.safetensors`` + ``config.json``).
+
+    The network is rebuilt from the checkpoint's config and vocabulary, without building the dataset.
 
     Raises:
-        BadConfigError / BadDataError: not a readable ``vlt-referring`` checkpoint.
+        BadConfigError / BadDataError: no checkpoint there, or not a readable ``vlt-referring`` one.
     """
-    from langseg.train.checkpoint import load_checkpoint
+    from langseg.train.checkpoint import load_checkpoint, resolve_resume
 
-    state = load_checkpoint(checkpoint)
+    path = resolve_resume(checkpoint, Path(checkpoint))
+    if path is None:  # only for "auto", which is not a path here
+        raise BadConfigError(f"no checkpoint at {checkpoint}", hint="Pass a step_*.pt file or a run folder.")
+    state = load_checkpoint(path)
     if state.get("task") != "vlt-referring" or "_extra_state" not in state.get("model", {}):
         raise BadDataError(
-            f"{checkpoint} is not a vlt-referring training checkpoint",
-            hint="Pass a step_*.pt file from the out_dir/checkpoints of a vlt-referring run.",
+            f"{path} is not a vlt-referring training checkpoint",
+            hint="Pass a step_*.pt file (or the out_dir) of a vlt-referring run.",
         )
     config = config_from_dict(state["config"])
     tokenizer = tokenizer_from_config(state["model"]["_extra_state"]["tokenizer"])
