@@ -8,8 +8,9 @@ scenes, and is scored on the same held-out scenes (another world seed). Prints, 
 sentence feature F_t, learnt queries, QGM) and Table 3 (number of queries Nq, and Nq = 16 without QBM).
 "IoU" is the overall (cumulative) IoU, as the paper's; mIoU, the mean per-expression IoU, is added last.
 With several seeds each cell is ``mean +- std``. The variant shared by the tables (transformer, QGM,
-Nq 16, QBM) trains once per seed. ``--quick`` is a smoke test (tiny worlds, a few steps): numbers
-meaningless.
+Nq 16, QBM) trains once per seed; ``--cache runs.json`` keeps finished runs, so that a later call with
+more seeds or tables trains only what is missing. ``--quick`` is a smoke test (tiny worlds, a few
+steps): its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -141,13 +142,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-scenes", type=int, default=4000)
     parser.add_argument("--val-scenes", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--json", type=Path, help="also write every run's scores here")
+    parser.add_argument("--cache", type=Path, help="JSON file of finished runs: reused, and extended")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny worlds, 4 steps")
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.size, args.width, args.batch_size = 4, 32, 16, 4
         args.train_scenes, args.val_scenes = 4, 2
     return args
+
+
+# The settings that change what a run learns: a cache written under other settings is refused.
+RECIPE_KEYS = ("steps", "size", "width", "batch_size", "out_stride", "lr", "train_scenes", "val_scenes")
+
+
+def load_cache(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+    """Runs of earlier invocations (``--cache``): switches (JSON) -> seed -> scores."""
+    if args.cache is None or not args.cache.is_file():
+        return {}
+    data = json.loads(args.cache.read_text())
+    recipe_args = {k: getattr(args, k) for k in RECIPE_KEYS}
+    if data["recipe"] != recipe_args:
+        sys.exit(f"error: {args.cache} holds runs of another recipe {data['recipe']}; use another --cache")
+    return data["runs"]
+
+
+def save_cache(args: argparse.Namespace, runs: dict[str, dict[str, dict[str, float]]]) -> None:
+    if args.cache is not None:
+        recipe_args = {k: getattr(args, k) for k in RECIPE_KEYS}
+        args.cache.write_text(json.dumps({"recipe": recipe_args, "runs": runs}, indent=1))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,34 +180,35 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [t for t in tables if t not in TABLES]
     if unknown:
         sys.exit(f"error: unknown table {unknown[0]}; choose from 1, 2, 3")
-    cache: dict[str, list[dict[str, float]]] = {}  # switches (as JSON) -> one score dict per seed
+    runs = load_cache(args)  # a variant shared by several tables trains once per seed
     start = time.perf_counter()
     for number in tables:
         for name, switches in TABLES[number][1]:
-            key = json.dumps(switches, sort_keys=True)
-            if key in cache:
-                continue
-            cache[key] = []
-            for seed in seeds:
+            done = runs.setdefault(json.dumps(switches, sort_keys=True), {})
+            for seed in (s for s in seeds if str(s) not in done):
                 scores = run_variant(args, switches, seed)
-                cache[key].append(scores)
+                done[str(seed)] = scores
+                save_cache(args, runs)
                 print(
                     f"# {name} seed {seed}: IoU {scores['IoU']:.4f} ({scores['seconds']:.0f} s)", flush=True
                 )
     wall = time.perf_counter() - start
-    print(
-        f"\nShapeWorld-Ref, {args.size} px, {args.steps} steps x batch {args.batch_size}, "
-        f"width {args.width}, "
-        f"seeds {args.seeds}, {args.train_scenes} training / {args.val_scenes} held-out scenes; "
-        f"wall time {wall / 60:.1f} min on {args.threads} thread(s)"
+    keys = {json.dumps(switches, sort_keys=True) for t in tables for _, switches in TABLES[t][1]}
+    trained = sum(runs[key][str(seed)]["seconds"] for key in keys for seed in seeds)
+    setup = (
+        f"ShapeWorld-Ref, {args.size} px, {args.steps} steps x batch {args.batch_size}, width {args.width}",
+        f"out stride {args.out_stride}, seeds {args.seeds}",
+        f"{args.train_scenes} training / {args.val_scenes} held-out scenes, {args.threads} thread(s)",
+        f"training time of these runs {trained / 60:.1f} min (this invocation {wall / 60:.1f} min)",
     )
+    print("\n" + "; ".join(setup))
     for number in tables:
         title, variants = TABLES[number]
-        print_table(title, [(name, cache[json.dumps(s, sort_keys=True)]) for name, s in variants])
-    if args.json:
-        args.json.write_text(
-            json.dumps({"args": vars(args) | {"json": str(args.json)}, "runs": cache}, indent=1)
-        )
+        rows = []
+        for name, switches in variants:
+            done = runs[json.dumps(switches, sort_keys=True)]
+            rows.append((name, [done[str(s)] for s in seeds]))
+        print_table(title, rows)
 
 
 if __name__ == "__main__":
