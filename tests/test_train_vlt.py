@@ -160,6 +160,7 @@ def test_saved_model_loads_as_a_referrer_with_the_same_masks(
         ("model_kwargs={text: {vocab_size: 3}}", "'model_kwargs.text.vocab_size'"),
         ("model_kwargs={threshold: 1.5}", "'model_kwargs.threshold'"),
         ("model_kwargs={loss_reduction: sum}", "'model_kwargs.loss_reduction'"),
+        ("model_kwargs={loss_resolution: pixels}", "'model_kwargs.loss_resolution'"),
         ("model_kwargs={query_source: words}", "query_source"),
         ("data.scale_range=[0.5, 2.0]", "'data.scale_range'"),
         ("data.crop_size=16", "'data.crop_size'"),

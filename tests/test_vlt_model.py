@@ -216,6 +216,53 @@ def test_loss_is_official_bce_sum_per_image_with_area_targets() -> None:
     assert torch.allclose(vlt_loss(logits, masks, reduction="mean"), manual * 2 / 32, atol=1e-6)
 
 
+def test_input_resolution_loss_upsamples_logits_like_the_predictor() -> None:
+    # One 2 x 2 logit grid on a 4 x 4 mask: bilinear (align_corners=False) upsampling by hand. Each
+    # output pixel's source coordinate is (i + 0.5) / 2 - 0.5, clamped to [0, 1] on the edges.
+    logits = torch.tensor([[[[0.0, 4.0], [-2.0, 2.0]]]])
+    weights = torch.tensor([0.0, 0.25, 0.75, 1.0])  # weight of the second row/column per output index
+    up = torch.empty(4, 4)
+    for i in range(4):
+        for j in range(4):
+            top = logits[0, 0, 0, 0] * (1 - weights[j]) + logits[0, 0, 0, 1] * weights[j]
+            bottom = logits[0, 0, 1, 0] * (1 - weights[j]) + logits[0, 0, 1, 1] * weights[j]
+            up[i, j] = top * (1 - weights[i]) + bottom * weights[i]
+    masks = torch.zeros(1, 4, 4, dtype=torch.bool)
+    masks[0, :, 3] = True  # a 1-pixel stripe: the output-resolution target would blur it to 0.5
+    p = torch.sigmoid(up)
+    per_pixel = -(masks[0] * p.log() + (~masks[0]) * (1 - p).log())
+    assert torch.allclose(vlt_loss(logits, masks, "mean", "input"), per_pixel.mean(), atol=1e-6)
+    # "image" reduction keeps the output-pixel scale: the 16 input pixels count as 4 output pixels.
+    assert torch.allclose(vlt_loss(logits, masks, "image", "input"), per_pixel.sum() / 4, atol=1e-5)
+    assert not torch.allclose(vlt_loss(logits, masks, "mean", "output"), per_pixel.mean(), atol=1e-3)
+    with pytest.raises(BadConfigError, match="resolution"):
+        vlt_loss(logits, masks, "mean", "pixels")
+
+
+def test_lower_features_reach_the_mask_head() -> None:
+    torch.manual_seed(0)
+    base, lower = vlt_tiny(), vlt_tiny(concat_lower_feat=True)
+    # The third CBL of the head reads the 16 query-feature channels too (3x3 conv, no bias).
+    assert n_params(lower) - n_params(base) == 16 * 32 * 9
+    images, (ids, mask) = torch.rand(2, 3, 64, 64), tokens([[2, 3, 4], [5, 6]])
+    lower.eval()
+    with torch.no_grad():
+        features = lower.encode_image(images)
+        words, m, sentence = lower.text(ids, mask)
+        query_features, memory = lower.merge(features, sentence)
+        logits = lower(images, ids, mask)
+        # Perturbing only the lower features changes the logits: they are an input of the head.
+        responses = lower.qbm(lower.transformer(memory, lower.queries(query_features, words, m, sentence)),
+                              lower.queries(query_features, words, m, sentence))
+        maps = lower.response_maps(responses)
+        assert torch.allclose(lower.mask_head(maps, query_features), logits, atol=1e-5)
+        assert not torch.allclose(lower.mask_head(maps, query_features + 1.0), logits, atol=1e-3)
+        conv = vlt_tiny(decoder="conv", concat_lower_feat=True).eval()
+        assert conv(images, ids, mask).shape == (2, 1, 64, 64)
+    with pytest.raises(ValueError, match="lower"):
+        lower.mask_head(maps)
+
+
 def test_paper_and_other_backbones_build_with_official_sizes() -> None:
     paper = langseg.create_model("vlt-darknet53").eval()
     assert paper.backbone.channels == [256, 512, 1024] and paper.backbone.reductions == [8, 16, 32]

@@ -70,6 +70,8 @@ class VLT(nn.Module):
         decoder: ``"transformer"`` or ``"conv"``.
         memory_pos: positional encoding of the memory, ``"sine2d"`` or official ``"sine1d"``.
         out_stride: output stride (a power of two dividing the grid stride; official 2).
+        concat_lower_feat: concatenate the QGM input features into the mask head (the official config's
+            ``concate_lower_feat``; off in the official example configs).
 
     ``self.config`` holds these arguments (JSON-able) so checkpoints can rebuild the network.
     """
@@ -94,6 +96,7 @@ class VLT(nn.Module):
         decoder: str = "transformer",
         memory_pos: str = "sine2d",
         out_stride: int = 2,
+        concat_lower_feat: bool = False,
     ) -> None:
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -158,7 +161,8 @@ class VLT(nn.Module):
             self.response_maps = ResponseMaps(hidden_dim, self.grid)
             head_in = num_queries
         self.num_queries = num_queries
-        self.mask_head = MaskHead(head_in, hidden_dim, num_up)
+        lower = self.merge.query_channels if concat_lower_feat else 0
+        self.mask_head = MaskHead(head_in, hidden_dim, num_up, lower)
 
     # ------------------------------------------------------------------ image side
 
@@ -209,14 +213,15 @@ class VLT(nn.Module):
                 raise BadDataError(f"{features[0].shape[0]} encoded images for {batch} expressions")
             features = [f.expand(batch, -1, -1, -1) for f in features]
         query_features, memory = self.merge(features, sentence)
+        lower = query_features if self.mask_head.lower_channels else None
         if self.conv_decoder is not None:
-            return self.mask_head(self.conv_decoder(memory))
+            return self.mask_head(self.conv_decoder(memory), lower)
         assert self.transformer is not None and self.response_maps is not None
         queries = self.queries(query_features, words, mask, sentence)
         responses = self.transformer(memory, queries)
         if self.qbm is not None:
             responses = self.qbm(responses, queries)
-        return self.mask_head(self.response_maps(responses))
+        return self.mask_head(self.response_maps(responses), lower)
 
     def forward(
         self, images: torch.Tensor, token_ids: torch.Tensor, token_mask: torch.Tensor
@@ -225,25 +230,39 @@ class VLT(nn.Module):
         return self.decode(self.encode_image(images), token_ids, token_mask)
 
 
-def vlt_loss(logits: torch.Tensor, masks: torch.Tensor, reduction: str = "image") -> torch.Tensor:
+def vlt_loss(
+    logits: torch.Tensor, masks: torch.Tensor, reduction: str = "image", resolution: str = "output"
+) -> torch.Tensor:
     """Binary cross-entropy on logits (official ``yolo_loss``).
 
     Args:
         logits: ``B x 1 x h x w``.
-        masks: ``B x H x W`` (or ``B x 1 x H x W``) bool/float targets, area-averaged to ``h x w`` when
-            larger (soft targets keep thin parts that nearest-neighbour shrinking, as official, drops).
+        masks: ``B x H x W`` (or ``B x 1 x H x W``) bool/float targets.
         reduction: ``"image"``: sum over pixels / B (official); ``"mean"``: mean over pixels.
+        resolution: ``"output"`` (official): the targets are area-averaged to ``h x w`` when larger (soft
+            targets keep thin parts that nearest-neighbour shrinking, as official, drops);
+            ``"input"``: the logits are bilinearly upsampled to ``H x W`` instead, the way predictions
+            are mapped to the image, so the loss sees boundaries finer than the output grid. With
+            ``"image"`` reduction the sum is rescaled to output pixels, keeping the loss scale.
     """
     target = masks.float()
     if target.ndim == 3:
         target = target[:, None]
+    if resolution not in ("output", "input"):
+        raise BadConfigError(f"unknown loss resolution {resolution!r}", hint="Use output or input.")
+    scale = 1.0
     if target.shape[-2:] != logits.shape[-2:]:
-        target = F.adaptive_avg_pool2d(target, logits.shape[-2:])
+        if resolution == "input":
+            scale = logits.shape[-2] * logits.shape[-1] / (target.shape[-2] * target.shape[-1])
+            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        else:
+            target = F.adaptive_avg_pool2d(target, logits.shape[-2:])
     if reduction == "mean":
         return F.binary_cross_entropy_with_logits(logits, target)
     if reduction != "image":
         raise BadConfigError(f"unknown reduction {reduction!r}", hint="Use image or mean.")
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[0]
+    total = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+    return total * scale / logits.shape[0]
 
 
 # --- registered variants ----------------------------------------------------------------------------

@@ -370,20 +370,31 @@ class ResponseMaps(nn.Module):
 class MaskHead(nn.Module):
     """3x3 CBLs with nearest x2 upsamplings, then a 3x3 conv to one logit (official ``vlt_postproc``).
 
-    ``CBL(in -> dim), CBL, CBL``, then ``[up] CBL`` once and ``up CBL`` for each further upsampling
-    (``num_up`` = log2(grid stride / output stride)), then ``Conv3x3(dim -> 1)`` with a bias.
+    ``CBL(in -> dim), CBL, [++ lower] CBL``, then ``[up] CBL`` once and ``up CBL`` for each further
+    upsampling (``num_up`` = log2(grid stride / output stride)), then ``Conv3x3(dim -> 1)`` with a bias.
+    With ``lower_channels`` > 0 the grid-resolution visual features (the QGM input) are concatenated
+    after the second CBL: the official ``concate_lower_feat`` option, which hands the decoder the
+    language-conditioned image features the responses alone only describe through ``h * w`` weights.
     """
 
-    def __init__(self, in_channels: int, dim: int, num_up: int) -> None:
+    def __init__(self, in_channels: int, dim: int, num_up: int, lower_channels: int = 0) -> None:
         super().__init__()
         layers: list[nn.Module] = [conv_bn_leaky(in_channels, dim, 3), conv_bn_leaky(dim, dim, 3)]
-        layers.append(conv_bn_leaky(dim, dim, 3))
+        layers.append(conv_bn_leaky(dim + lower_channels, dim, 3))
         for i in range(max(num_up, 1)):
             if i < num_up:
                 layers.append(nn.Upsample(scale_factor=2.0, mode="nearest"))
             layers.append(conv_bn_leaky(dim, dim, 3))
         layers.append(nn.Conv2d(dim, 1, 3, padding=1))
         self.body = nn.Sequential(*layers)
+        self.lower_channels = lower_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+    def forward(self, x: torch.Tensor, lower: torch.Tensor | None = None) -> torch.Tensor:
+        """``B x in x h x w`` (and ``B x lower x h x w`` when built with ``lower_channels``) ->
+        ``B x 1 x h * 2^num_up x w * 2^num_up`` logits."""
+        if (lower is None) != (self.lower_channels == 0):
+            raise ValueError("pass lower features exactly when the head was built with lower_channels")
+        x = self.body[1](self.body[0](x))
+        if lower is not None:
+            x = torch.cat([x, lower], dim=1)
+        return self.body[2:](x)

@@ -52,7 +52,7 @@ from langseg.train.transforms import swap_left_right
 __all__ = ["VLTTrainModule", "build_vlt_module", "build_vlt_referring", "export_vlt", "save_trained_vlt"]
 
 Batch = dict[str, Any]
-TASK_KEYS = ("vocab", "loss_reduction", "threshold")
+TASK_KEYS = ("vocab", "loss_reduction", "loss_resolution", "threshold")
 VOCAB_KEYS = ("min_count", "max_size", "max_tokens")
 _VLT_PARAMS = {k: p for k, p in inspect.signature(VLT.__init__).parameters.items() if k != "self"}
 _VLT_KEYS = tuple(_VLT_PARAMS)
@@ -100,6 +100,7 @@ class VLTTrainModule(nn.Module):
             grey letterbox padding).
         head_lr_mult: learning-rate factor of everything but the backbone.
         loss_reduction: :func:`vlt_loss` reduction, ``image`` (official) or ``mean``.
+        loss_resolution: :func:`vlt_loss` resolution, ``output`` (official) or ``input``.
         threshold: foreground when the sigmoid probability exceeds it (official 0.35).
     """
 
@@ -113,11 +114,13 @@ class VLTTrainModule(nn.Module):
         head_lr_mult: float = 1.0,
         loss_reduction: str = "image",
         threshold: float = THRESHOLD,
+        loss_resolution: str = "output",
     ) -> None:
         super().__init__()
         self.net, self.tokenizer, self.model_name = net, tokenizer, model_name
         self.mean, self.std = tuple(mean), tuple(std)
         self.head_lr_mult, self.loss_reduction, self.threshold = head_lr_mult, loss_reduction, threshold
+        self.loss_resolution = loss_resolution
         pad = (torch.full((3,), Letterbox().pad_value) - torch.tensor(self.mean)) / torch.tensor(self.std)
         self.register_buffer("pad", pad, persistent=False)
 
@@ -146,7 +149,8 @@ class VLTTrainModule(nn.Module):
         masks = batch["mask"].float()
         if tuple(masks.shape[-2:]) != (self.net.input_size,) * 2:
             masks = letterbox_batch(masks[:, None], self.net.input_size, masks.new_zeros(1))[0][:, 0]
-        return {"loss": vlt_loss(logits, masks, self.loss_reduction), "logits": logits}
+        loss = vlt_loss(logits, masks, self.loss_reduction, self.loss_resolution)
+        return {"loss": loss, "logits": logits}
 
     @torch.no_grad()
     def probability(self, batch: Batch) -> torch.Tensor:
@@ -277,10 +281,15 @@ def build_vlt_module(
     _check_types(kwargs)
     vocab_options = kwargs.pop("vocab", {})
     loss_reduction = kwargs.pop("loss_reduction", "image")
+    loss_resolution = kwargs.pop("loss_resolution", "output")
     threshold = kwargs.pop("threshold", THRESHOLD)
     if loss_reduction not in ("image", "mean"):
         raise BadConfigError(
             f"config key 'model_kwargs.loss_reduction': {loss_reduction!r}", hint="Use image or mean."
+        )
+    if loss_resolution not in ("output", "input"):
+        raise BadConfigError(
+            f"config key 'model_kwargs.loss_resolution': {loss_resolution!r}", hint="Use output or input."
         )
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
         raise BadConfigError(f"config key 'model_kwargs.threshold' must be in (0, 1), got {threshold!r}")
@@ -306,7 +315,15 @@ def build_vlt_module(
         ) from None
     data = config.data
     return VLTTrainModule(
-        net, tokenizer, name, data.mean, data.std, config.optim.head_lr_mult, loss_reduction, float(threshold)
+        net,
+        tokenizer,
+        name,
+        data.mean,
+        data.std,
+        config.optim.head_lr_mult,
+        loss_reduction,
+        float(threshold),
+        loss_resolution,
     )
 
 
