@@ -155,6 +155,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 RECIPE_KEYS = ("steps", "size", "width", "batch_size", "out_stride", "lr", "train_scenes", "val_scenes")
 
 
+def key_of(switches: dict[str, Any]) -> str:
+    """One key per distinct model: "Nq = 16" and the base variant are the same run."""
+    return json.dumps({**BASE, **switches}, sort_keys=True)
+
+
 def load_cache(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
     """Runs of earlier invocations (``--cache``): switches (JSON) -> seed -> scores."""
     if args.cache is None or not args.cache.is_file():
@@ -184,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     for number in tables:
         for name, switches in TABLES[number][1]:
-            done = runs.setdefault(json.dumps(switches, sort_keys=True), {})
+            done = runs.setdefault(key_of(switches), {})
             for seed in (s for s in seeds if str(s) not in done):
                 scores = run_variant(args, switches, seed)
                 done[str(seed)] = scores
@@ -193,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"# {name} seed {seed}: IoU {scores['IoU']:.4f} ({scores['seconds']:.0f} s)", flush=True
                 )
     wall = time.perf_counter() - start
-    keys = {json.dumps(switches, sort_keys=True) for t in tables for _, switches in TABLES[t][1]}
+    keys = {key_of(switches) for t in tables for _, switches in TABLES[t][1]}
     trained = sum(runs[key][str(seed)]["seconds"] for key in keys for seed in seeds)
     setup = (
         f"ShapeWorld-Ref, {args.size} px, {args.steps} steps x batch {args.batch_size}, width {args.width}",
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         title, variants = TABLES[number]
         rows = []
         for name, switches in variants:
-            done = runs[json.dumps(switches, sort_keys=True)]
+            done = runs[key_of(switches)]
             rows.append((name, [done[str(s)] for s in seeds]))
         print_table(title, rows)
 
