@@ -252,8 +252,10 @@ def test_lower_features_reach_the_mask_head() -> None:
         query_features, memory = lower.merge(features, sentence)
         logits = lower(images, ids, mask)
         # Perturbing only the lower features changes the logits: they are an input of the head.
-        responses = lower.qbm(lower.transformer(memory, lower.queries(query_features, words, m, sentence)),
-                              lower.queries(query_features, words, m, sentence))
+        responses = lower.qbm(
+            lower.transformer(memory, lower.queries(query_features, words, m, sentence)),
+            lower.queries(query_features, words, m, sentence),
+        )
         maps = lower.response_maps(responses)
         assert torch.allclose(lower.mask_head(maps, query_features), logits, atol=1e-5)
         assert not torch.allclose(lower.mask_head(maps, query_features + 1.0), logits, atol=1e-3)
