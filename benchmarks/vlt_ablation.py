@@ -16,6 +16,7 @@ steps): its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import statistics
 import sys
@@ -66,6 +67,8 @@ def recipe(args: argparse.Namespace, switches: dict[str, Any], seed: int, out_di
         "dropout": 0.0,
         "ffn_dim": 2 * w,
         "out_stride": args.out_stride,
+        "concat_lower_feat": args.lower_feat,
+        "loss_resolution": args.loss_resolution,
         "text": {"word_dim": 32, "hidden_dim": w},
         **BASE,
         **switches,
@@ -138,6 +141,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=32, help="hidden width of the small VLT")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out-stride", type=int, default=2, help="VLT output stride (official 2)")
+    parser.add_argument(
+        "--lower-feat",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="concatenate the QGM input features into the mask head (official concate_lower_feat)",
+    )
+    parser.add_argument(
+        "--loss-resolution", choices=("output", "input"), default="input", help="see langseg vlt_loss"
+    )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--train-scenes", type=int, default=4000)
     parser.add_argument("--val-scenes", type=int, default=100)
@@ -152,7 +164,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # The settings that change what a run learns: a cache written under other settings is refused.
-RECIPE_KEYS = ("steps", "size", "width", "batch_size", "out_stride", "lr", "train_scenes", "val_scenes")
+RECIPE_KEYS = (
+    "steps",
+    "size",
+    "width",
+    "batch_size",
+    "out_stride",
+    "lower_feat",
+    "loss_resolution",
+    "lr",
+    "train_scenes",
+    "val_scenes",
+)
 
 
 def key_of(switches: dict[str, Any]) -> str:
@@ -172,9 +195,20 @@ def load_cache(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]
 
 
 def save_cache(args: argparse.Namespace, runs: dict[str, dict[str, dict[str, float]]]) -> None:
-    if args.cache is not None:
-        recipe_args = {k: getattr(args, k) for k in RECIPE_KEYS}
-        args.cache.write_text(json.dumps({"recipe": recipe_args, "runs": runs}, indent=1))
+    """Merge ``runs`` into the cache file under a lock, so that processes training other seeds or
+    tables into the same ``--cache`` (one per core) never drop each other's runs."""
+    if args.cache is None:
+        return
+    recipe_args = {k: getattr(args, k) for k in RECIPE_KEYS}
+    with open(args.cache.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = load_cache(args)
+        for key, seeds in on_disk.items():
+            for seed, scores in seeds.items():
+                runs.setdefault(key, {}).setdefault(seed, scores)
+        tmp = args.cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"recipe": recipe_args, "runs": runs}, indent=1))
+        tmp.replace(args.cache)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         sys.exit(f"error: unknown table {unknown[0]}; choose from 1, 2, 3")
     runs = load_cache(args)  # a variant shared by several tables trains once per seed
+    save_cache(args, runs)  # also picks up runs other processes finished meanwhile
     start = time.perf_counter()
     for number in tables:
         for name, switches in TABLES[number][1]:
@@ -198,11 +233,13 @@ def main(argv: list[str] | None = None) -> None:
                     f"# {name} seed {seed}: IoU {scores['IoU']:.4f} ({scores['seconds']:.0f} s)", flush=True
                 )
     wall = time.perf_counter() - start
+    save_cache(args, runs)
     keys = {key_of(switches) for t in tables for _, switches in TABLES[t][1]}
     trained = sum(runs[key][str(seed)]["seconds"] for key in keys for seed in seeds)
     setup = (
         f"ShapeWorld-Ref, {args.size} px, {args.steps} steps x batch {args.batch_size}, width {args.width}",
-        f"out stride {args.out_stride}, seeds {args.seeds}",
+        f"out stride {args.out_stride}, lower features {args.lower_feat}, loss at {args.loss_resolution}",
+        f"seeds {args.seeds}",
         f"{args.train_scenes} training / {args.val_scenes} held-out scenes, {args.threads} thread(s)",
         f"training time of these runs {trained / 60:.1f} min (this invocation {wall / 60:.1f} min)",
     )

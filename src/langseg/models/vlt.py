@@ -70,8 +70,9 @@ class VLT(nn.Module):
         decoder: ``"transformer"`` or ``"conv"``.
         memory_pos: positional encoding of the memory, ``"sine2d"`` or official ``"sine1d"``.
         out_stride: output stride (a power of two dividing the grid stride; official 2).
-        concat_lower_feat: concatenate the QGM input features into the mask head (the official config's
-            ``concate_lower_feat``; off in the official example configs).
+        concat_lower_feat: concatenate the QGM input features into the mask head (the official
+            ``concate_lower_feat``, present but commented out in its ``vlt_postproc``: off is the
+            paper's network).
 
     ``self.config`` holds these arguments (JSON-able) so checkpoints can rebuild the network.
     """

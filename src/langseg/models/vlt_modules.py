@@ -373,8 +373,9 @@ class MaskHead(nn.Module):
     ``CBL(in -> dim), CBL, [++ lower] CBL``, then ``[up] CBL`` once and ``up CBL`` for each further
     upsampling (``num_up`` = log2(grid stride / output stride)), then ``Conv3x3(dim -> 1)`` with a bias.
     With ``lower_channels`` > 0 the grid-resolution visual features (the QGM input) are concatenated
-    after the second CBL: the official ``concate_lower_feat`` option, which hands the decoder the
-    language-conditioned image features the responses alone only describe through ``h * w`` weights.
+    after the second CBL: the official ``concate_lower_feat`` (commented out in its code), which hands
+    the decoder the language-conditioned image features that the responses reach only through one
+    ``Dense(h * w)`` map per query.
     """
 
     def __init__(self, in_channels: int, dim: int, num_up: int, lower_channels: int = 0) -> None:
