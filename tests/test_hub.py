@@ -40,6 +40,26 @@ def test_explicit_path_then_cache_then_download(tmp_path: Path, monkeypatch: pyt
         resolve_weights(spec, "some-model", tmp_path / "absent.pt")
 
 
+def test_bundled_weights_are_found_in_the_package_and_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    import langseg.hub as hub
+
+    monkeypatch.setattr(hub, "BUNDLED_DIR", tmp_path)
+    data = b"weights"
+    spec = WeightsSpec(None, "model.safetensors", sha256=hashlib.sha256(data).hexdigest())
+    with pytest.raises(MissingWeightsError, match="missing from the install"):
+        resolve_weights(spec, "shipped")
+    (tmp_path / "shipped").mkdir()
+    (tmp_path / "shipped" / "model.safetensors").write_bytes(data)
+    assert resolve_weights(spec, "shipped") == tmp_path / "shipped" / "model.safetensors"
+    (tmp_path / "shipped" / "model.safetensors").write_bytes(b"weightz")
+    with pytest.raises(BadDataError, match="sha256"):
+        resolve_weights(spec, "shipped")
+
+
 def test_checkpoint_round_trip_with_tied_weights(tmp_path: Path) -> None:
     model = torch.nn.Sequential(torch.nn.Embedding(5, 3), torch.nn.Linear(3, 5, bias=False))
     model[1].weight = model[0].weight  # tied, as text towers often are

@@ -11,6 +11,7 @@ and short timeouts), never a hang.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -28,6 +29,7 @@ from langseg.registry import WeightsSpec
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+BUNDLED_DIR = Path(__file__).parent / "weights"
 
 
 def cache_dir() -> Path:
@@ -54,14 +56,29 @@ def resolve_weights(spec: WeightsSpec | None, name: str, path: str | Path | None
             hint="Train it (`langseg train`) or pass a checkpoint path; create_model(..., pretrained=False) "
             "gives random weights.",
         )
+    if spec.repo is None:
+        return bundled_weights(spec, name)
     cached = cache_dir() / name / spec.filename
     if cached.is_file():
         return cached
-    if spec.repo is None:
-        raise MissingWeightsError(
-            f"bundled weights {spec.filename} for {name!r} are missing from the install"
-        )
     return _download(spec, name, cached)
+
+
+def bundled_weights(spec: WeightsSpec, name: str) -> Path:
+    """The weights shipped inside the package, ``langseg/weights/<name>/<filename>`` (small models
+    trained on ShapeWorld), checked against ``spec.sha256``."""
+    path = BUNDLED_DIR / name / spec.filename
+    if not path.is_file():
+        raise MissingWeightsError(
+            f"bundled weights {spec.filename} for {name!r} are missing from the install ({path})",
+            hint="Reinstall langseg (pip install --force-reinstall), or pass a checkpoint path.",
+        )
+    if spec.sha256 is not None and _sha256(path) != spec.sha256:
+        raise BadDataError(
+            f"bundled weights {path} do not match their recorded sha256",
+            hint="The install is damaged or was edited; reinstall langseg.",
+        )
+    return path
 
 
 def hub_offline() -> bool:
@@ -119,7 +136,21 @@ def _download(spec: WeightsSpec, name: str, target: Path) -> Path:
             f"cannot download {spec.filename} for {name!r} from {spec.repo} ({type(err).__name__})",
             hint=hint,
         ) from err
+    if spec.sha256 is not None and _sha256(Path(file)) != spec.sha256:
+        Path(file).unlink(missing_ok=True)  # never leave a bad file where the cache would reuse it
+        raise BadDataError(
+            f"{spec.filename} for {name!r} from {spec.repo} does not match its recorded sha256",
+            hint="Try again; if it persists, the published file changed: report it.",
+        )
     return Path(file)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def save_checkpoint(module: torch.nn.Module, out_dir: str | Path, config: dict[str, Any]) -> Path:

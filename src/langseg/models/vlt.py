@@ -13,7 +13,8 @@ letterboxes any image to that size. Ablation switches (paper Tables 1-3): ``quer
 encoding; ``learnt``: input-independent ``nn.Embedding`` queries), ``num_queries``, ``qbm`` and
 ``decoder="conv"`` (convolutions instead of QGM + transformer + QBM; query settings then unused).
 
-Importing this module registers ``vlt-darknet53`` (paper), ``vlt-swinb`` and ``vlt-tiny`` (tests).
+Importing this module registers ``vlt-darknet53`` (paper), ``vlt-swinb``, ``vlt-tiny`` (tests) and
+``vlt-shapes`` (trained on ShapeWorld-Ref; its weights ship with the package).
 """
 
 from __future__ import annotations
@@ -40,11 +41,17 @@ from langseg.models.vlt_modules import (
     VLTransformer,
     conv_bn_leaky,
 )
-from langseg.registry import ModelEntry, register_model
+from langseg.registry import ModelEntry, WeightsSpec, register_model
 
 THRESHOLD = 0.35  # official `segment_thresh` on the sigmoid probability
 QUERY_SOURCES = ("qgm", "text", "learnt")
 DECODERS = ("transformer", "conv")
+# Weights that ship inside the package (langseg/weights/<name>/), checked by digest when loaded.
+BUNDLED: dict[str, WeightsSpec] = {
+    "vlt-shapes": WeightsSpec(
+        None, "model.safetensors", sha256="f4fd36156cbacc624242f13c4ce4e483020eb981ae5e33168a25e586659b53ee"
+    ),
+}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The paper's text side: 300-d word vectors (official: spaCy en_vectors_web_lg) into a 1024-wide bi-GRU;
 # the vocabulary size is the trained checkpoint's (config.json overrides this placeholder).
@@ -283,6 +290,22 @@ VLT_CONFIGS: dict[str, dict[str, Any]] = {
         "num_queries": 4,
         "out_stride": 1,
     },
+    # configs/vlt_shapes.yaml's network; the bundled weights were trained by that recipe (32-word vocabulary
+    # slot count is a placeholder: the checkpoint's config.json sets the real one).
+    "vlt-shapes": {
+        "backbone": "tiny",
+        "backbone_kwargs": {"channels": (16, 32, 32)},
+        "input_size": 64,
+        "text": {"kind": "gru", "vocab_size": 32, "word_dim": 32, "hidden_dim": 32},
+        "fusion_dim": 32,
+        "hidden_dim": 32,
+        "num_heads": 2,
+        "ffn_dim": 64,
+        "dropout": 0.0,
+        "num_queries": 16,
+        "out_stride": 2,
+        "concat_lower_feat": True,
+    },
 }
 # Pixel normalisation per variant (the predictor's business, recorded in checkpoints): the official
 # Darknet sees RGB in [0, 1]; timm's ImageNet backbones their usual statistics.
@@ -290,7 +313,7 @@ VLT_PREPROCESS: dict[str, dict[str, Any]] = {
     "vlt-darknet53": {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)},
     "vlt-swinb": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
     "vlt-tiny": {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)},
-}
+}  # vlt-shapes: its bundled config.json records the recipe's (CLIP) statistics
 
 
 def vlt_darknet53(**kwargs: Any) -> VLT:
@@ -306,6 +329,11 @@ def vlt_swinb(**kwargs: Any) -> VLT:
 def vlt_tiny(**kwargs: Any) -> VLT:
     """VLT at toy size (64 x 64 input, width 32), for tests."""
     return VLT(**{**VLT_CONFIGS["vlt-tiny"], **kwargs})
+
+
+def vlt_shapes(**kwargs: Any) -> VLT:
+    """The ``vlt-shapes`` network (``configs/vlt_shapes.yaml``): QGM, 16 queries, QBM, 64 x 64 input."""
+    return VLT(**{**VLT_CONFIGS["vlt-shapes"], **kwargs})
 
 
 def save_vlt(
@@ -369,6 +397,7 @@ def _register() -> None:
         ("vlt-darknet53", vlt_darknet53, "VLT, Darknet-53 backbone, bi-GRU words, 416 input (paper)"),
         ("vlt-swinb", vlt_swinb, "VLT, Swin-B/12 384 backbone, bi-GRU words"),
         ("vlt-tiny", vlt_tiny, "VLT architecture at toy size, random weights (tests)"),
+        ("vlt-shapes", vlt_shapes, "VLT trained on ShapeWorld-Ref, 64 x 64 (weights ship with langseg)"),
     ]
     for name, builder, description in entries:
         register_model(
@@ -378,6 +407,7 @@ def _register() -> None:
                 task="referring",
                 builder=builder,
                 description=description,
+                weights=BUNDLED.get(name),
                 loader=load_vlt,
             )
         )

@@ -1,0 +1,43 @@
+"""The bundled ``vlt-shapes`` weights: they load offline and segment held-out ShapeWorld-Ref scenes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import langseg
+from langseg.data.shapes import ShapeWorldConfig
+from langseg.data.shapes_datasets import ShapeWorldReferring
+from langseg.predict.referrer import ExpressionWarning
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_bundled_vlt_shapes_finds_objects_in_unseen_scenes() -> None:
+    referrer = langseg.load("vlt-shapes")
+    # World seed 2 is neither the training (0) nor the validation (1) world of configs/vlt_shapes.yaml.
+    data = ShapeWorldReferring(num_scenes=10, seed=2, config=ShapeWorldConfig(size=64))
+    by_scene: dict[int, list[dict]] = {}
+    for i in range(len(data)):
+        sample = data[i]
+        by_scene.setdefault(sample["meta"]["index"], []).append(sample)
+    ious = []
+    for samples in by_scene.values():
+        image = samples[0]["image"].permute(1, 2, 0).numpy()
+        results = referrer.refer_all(image, [s["text"] for s in samples])
+        for sample, result in zip(samples, results, strict=True):
+            truth = sample["mask"].numpy().astype(bool)
+            assert result.mask.shape == truth.shape
+            ious.append((truth & result.mask).sum() / (truth | result.mask).sum())
+    # Measured 0.721 over these 126 expressions (0.710 on the 1140 validation ones); a broken loader,
+    # preprocessing or vocabulary drops it to about 0.
+    assert len(ious) == 126 and float(np.mean(ious)) > 0.65
+    assert float(np.mean(np.array(ious) > 0.5)) > 0.8
+
+
+def test_bundled_vlt_shapes_takes_any_text_without_crashing() -> None:
+    referrer = langseg.load("vlt-shapes")
+    image = np.full((64, 64, 3), 255, np.uint8)
+    with pytest.warns(ExpressionWarning, match="."):  # only unknown words: the expression carries no information
+        result = referrer.refer(image, "le grand cercle rouge à gauche")
+    assert result.mask.shape == (64, 64)
