@@ -74,6 +74,18 @@ def test_defaults_without_a_file_and_the_shipped_recipe_loads() -> None:
     assert recipe.task == "toy-semantic" and recipe.val_data is not None
 
 
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_every_shipped_recipe_loads_and_names_a_registered_model(recipe: str) -> None:
+    import langseg.train  # noqa: F401  (registers the tasks)
+    from langseg.registry import get_model_entry
+    from langseg.train.tasks import get_task
+
+    config = load_config(ROOT / "configs" / recipe)
+    get_task(config.task)
+    if config.task != "toy-semantic":  # the toy task names its own small networks
+        assert get_model_entry(config.model or "").family == config.task.split("-")[0]
+
+
 @pytest.mark.parametrize(
     ("yaml_text", "overrides", "key", "valid"),
     [
