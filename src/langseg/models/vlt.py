@@ -290,22 +290,16 @@ VLT_CONFIGS: dict[str, dict[str, Any]] = {
         "num_queries": 4,
         "out_stride": 1,
     },
-    # configs/vlt_shapes.yaml's network; the bundled weights were trained by that recipe (32-word vocabulary
-    # slot count is a placeholder: the checkpoint's config.json sets the real one).
-    "vlt-shapes": {
-        "backbone": "tiny",
-        "backbone_kwargs": {"channels": (16, 32, 32)},
-        "input_size": 64,
-        "text": {"kind": "gru", "vocab_size": 32, "word_dim": 32, "hidden_dim": 32},
-        "fusion_dim": 32,
-        "hidden_dim": 32,
-        "num_heads": 2,
-        "ffn_dim": 64,
-        "dropout": 0.0,
-        "num_queries": 16,
-        "out_stride": 2,
-        "concat_lower_feat": True,
-    },
+}
+# configs/vlt_shapes.yaml's network (the bundled weights were trained by that recipe): vlt-tiny with 16
+# queries, output stride 2 and the lower features. The checkpoint's config.json sets the vocabulary size.
+VLT_CONFIGS["vlt-shapes"] = {
+    **VLT_CONFIGS["vlt-tiny"],
+    "backbone_kwargs": {"channels": (16, 32, 32)},
+    "dropout": 0.0,
+    "num_queries": 16,
+    "out_stride": 2,
+    "concat_lower_feat": True,
 }
 # Pixel normalisation per variant (the predictor's business, recorded in checkpoints): the official
 # Darknet sees RGB in [0, 1]; timm's ImageNet backbones their usual statistics.
