@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 import langseg
 from langseg.data.shapes import ShapeWorldConfig
@@ -41,3 +42,16 @@ def test_bundled_vlt_shapes_takes_any_text_without_crashing() -> None:
     with pytest.warns(ExpressionWarning, match="names nothing"):  # French: no word is in the vocabulary
         result = referrer.refer(image, "le grand cercle rouge à gauche")
     assert result.mask.shape == (64, 64)
+
+
+def test_create_model_pretrained_builds_the_checkpoints_sizes() -> None:
+    from safetensors.torch import load_file
+
+    from langseg.hub import BUNDLED_DIR
+
+    net = langseg.create_model("vlt-shapes", pretrained=True)
+    stored = load_file(str(BUNDLED_DIR / "vlt-shapes" / "model.safetensors"))
+    state = net.state_dict()
+    assert set(state) == set(stored)
+    assert all(torch.equal(state[k], stored[k]) for k in stored)
+    assert net.text.embed.num_embeddings == stored["text.embed.weight"].shape[0]  # the trained vocabulary

@@ -59,10 +59,12 @@ def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn
     """The bare network registered as ``name``, with random weights unless ``pretrained``."""
     _import_models()
     entry = get_model_entry(name)
-    module = entry.builder(**{**entry.kwargs, **kwargs})
-    if pretrained:
-        from langseg.hub import read_checkpoint, resolve_weights
+    if not pretrained:
+        return entry.builder(**{**entry.kwargs, **kwargs})
+    from langseg.hub import read_checkpoint, resolve_weights
 
-        state, _ = read_checkpoint(resolve_weights(entry.weights, entry.name))
-        module.load_state_dict(state)
+    # The checkpoint's config.json records the sizes it was trained with (e.g. its vocabulary).
+    state, config = read_checkpoint(resolve_weights(entry.weights, entry.name))
+    module = entry.builder(**{**entry.kwargs, **config.get("kwargs", {}), **kwargs})
+    module.load_state_dict(state)
     return module
