@@ -307,7 +307,8 @@ VLT_PREPROCESS: dict[str, dict[str, Any]] = {
     "vlt-darknet53": {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)},
     "vlt-swinb": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
     "vlt-tiny": {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)},
-}  # vlt-shapes: its bundled config.json records the recipe's (CLIP) statistics
+    # vlt-shapes: none here; its bundled config.json records the recipe's (CLIP) statistics.
+}
 
 
 def vlt_darknet53(**kwargs: Any) -> VLT:
