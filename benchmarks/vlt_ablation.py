@@ -68,6 +68,7 @@ def recipe(args: argparse.Namespace, switches: dict[str, Any], seed: int, out_di
         "ffn_dim": 2 * w,
         "out_stride": args.out_stride,
         "concat_lower_feat": args.lower_feat,
+        "fine_skip": args.fine_skip,
         "loss_resolution": args.loss_resolution,
         "text": {"word_dim": 32, "hidden_dim": w},
         **BASE,
@@ -148,6 +149,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="concatenate the QGM input features into the mask head (official concate_lower_feat)",
     )
     parser.add_argument(
+        "--fine-skip",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="join the finest backbone map into the mask head (vlt-shapes has it; the recorded tables not)",
+    )
+    parser.add_argument(
         "--loss-resolution", choices=("output", "input"), default="input", help="see langseg vlt_loss"
     )
     parser.add_argument("--lr", type=float, default=2e-3)
@@ -171,11 +178,16 @@ RECIPE_KEYS = (
     "batch_size",
     "out_stride",
     "lower_feat",
+    "fine_skip",
     "loss_resolution",
     "lr",
     "train_scenes",
     "val_scenes",
 )
+
+
+# Settings added after caches were written: a cache without them ran with these values.
+RECIPE_DEFAULTS: dict[str, Any] = {"fine_skip": False}
 
 
 def key_of(switches: dict[str, Any]) -> str:
@@ -189,7 +201,7 @@ def load_cache(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]
         return {}
     data = json.loads(args.cache.read_text())
     recipe_args = {k: getattr(args, k) for k in RECIPE_KEYS}
-    if data["recipe"] != recipe_args:
+    if {**RECIPE_DEFAULTS, **data["recipe"]} != recipe_args:
         sys.exit(f"error: {args.cache} holds runs of another recipe {data['recipe']}; use another --cache")
     return data["runs"]
 
@@ -238,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     trained = sum(runs[key][str(seed)]["seconds"] for key in keys for seed in seeds)
     setup = (
         f"ShapeWorld-Ref, {args.size} px, {args.steps} steps x batch {args.batch_size}, width {args.width}",
-        f"out stride {args.out_stride}, lower features {args.lower_feat}, loss at {args.loss_resolution}",
+        f"out stride {args.out_stride}, lower features {args.lower_feat}, fine skip {args.fine_skip}",
+        f"loss at {args.loss_resolution}",
         f"seeds {args.seeds}",
         f"{args.train_scenes} training / {args.val_scenes} held-out scenes, {args.threads} thread(s)",
         f"training time of these runs {trained / 60:.1f} min (this invocation {wall / 60:.1f} min)",

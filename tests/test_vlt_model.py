@@ -265,6 +265,36 @@ def test_lower_features_reach_the_mask_head() -> None:
         lower.mask_head(maps)
 
 
+def test_fine_skip_joins_the_finest_map_at_its_own_resolution() -> None:
+    torch.manual_seed(0)
+    base, skip = vlt_tiny(), vlt_tiny(fine_skip=True)
+    # 1x1 CBL 16 -> 16 (+ BN), 16 more input channels for the joining 3x3 CBL, one extra 3x3 CBL 32 -> 32.
+    assert n_params(skip) - n_params(base) == (16 * 16 + 32) + 16 * 32 * 9 + (32 * 32 * 9 + 64)
+    skip.eval()
+    images, (ids, mask) = torch.rand(2, 3, 64, 64), tokens([[2, 3, 4], [5, 6]])
+    with torch.no_grad():
+        features = skip.encode_image(images)
+        maps = torch.rand(2, 4, 16, 16)
+        fine = features[0]
+        assert fine.shape == (2, 16, 32, 32)
+        logits = skip.mask_head(maps, None, fine)
+        assert logits.shape == (2, 1, 64, 64)
+        # One fine cell changed: the logits move around its place in the image and nowhere far from it,
+        # so the map joins at its own (stride 2) resolution rather than pooled to the grid.
+        bumped = fine.clone()
+        bumped[:, :, 10, 20] += 5.0
+        change = (skip.mask_head(maps, None, bumped) - logits).abs()[0, 0]
+        assert change[20:22, 40:42].max() > 1e-3
+        far = change.clone()
+        far[20 - 12 : 22 + 12, 40 - 12 : 42 + 12] = 0
+        assert far.max() == 0
+        assert skip(images, ids, mask).shape == (2, 1, 64, 64)
+    with pytest.raises(ValueError, match="fine"):
+        skip.mask_head(maps)
+    with pytest.raises(BadConfigError, match="fine_skip"):
+        vlt_tiny(fine_skip=True, out_stride=4)
+
+
 def test_paper_and_other_backbones_build_with_official_sizes() -> None:
     paper = langseg.create_model("vlt-darknet53").eval()
     assert paper.backbone.channels == [256, 512, 1024] and paper.backbone.reductions == [8, 16, 32]

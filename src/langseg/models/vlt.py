@@ -80,6 +80,9 @@ class VLT(nn.Module):
         concat_lower_feat: concatenate the QGM input features into the mask head (the official
             ``concate_lower_feat``, present but commented out in its ``vlt_postproc``: off is the
             paper's network).
+        fine_skip: concatenate the finest backbone map (``F8``, language-free) into the mask head once
+            it has upsampled to that map's resolution (not in the paper: sharper mask edges; needs
+            ``out_stride`` <= the finest reduction).
 
     ``self.config`` holds these arguments (JSON-able) so checkpoints can rebuild the network.
     """
@@ -105,6 +108,7 @@ class VLT(nn.Module):
         memory_pos: str = "sine2d",
         out_stride: int = 2,
         concat_lower_feat: bool = False,
+        fine_skip: bool = False,
     ) -> None:
         super().__init__()
         self.config = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -170,7 +174,13 @@ class VLT(nn.Module):
             head_in = num_queries
         self.num_queries = num_queries
         lower = self.merge.query_channels if concat_lower_feat else 0
-        self.mask_head = MaskHead(head_in, hidden_dim, num_up, lower)
+        fine_after_up = round(math.log2(grid_stride / reductions[0]))
+        if fine_skip and not 1 <= fine_after_up <= num_up:
+            raise BadConfigError(
+                f"fine_skip needs out_stride <= {reductions[0]} (the finest backbone map), got {out_stride}"
+            )
+        fine = channels[0] if fine_skip else 0
+        self.mask_head = MaskHead(head_in, hidden_dim, num_up, lower, fine, max(fine_after_up, 1))
 
     # ------------------------------------------------------------------ image side
 
@@ -222,14 +232,15 @@ class VLT(nn.Module):
             features = [f.expand(batch, -1, -1, -1) for f in features]
         query_features, memory = self.merge(features, sentence)
         lower = query_features if self.mask_head.lower_channels else None
+        fine = features[0] if self.mask_head.fine is not None else None
         if self.conv_decoder is not None:
-            return self.mask_head(self.conv_decoder(memory), lower)
+            return self.mask_head(self.conv_decoder(memory), lower, fine)
         assert self.transformer is not None and self.response_maps is not None
         queries = self.queries(query_features, words, mask, sentence)
         responses = self.transformer(memory, queries)
         if self.qbm is not None:
             responses = self.qbm(responses, queries)
-        return self.mask_head(self.response_maps(responses), lower)
+        return self.mask_head(self.response_maps(responses), lower, fine)
 
     def forward(
         self, images: torch.Tensor, token_ids: torch.Tensor, token_mask: torch.Tensor

@@ -376,26 +376,66 @@ class MaskHead(nn.Module):
     after the second CBL: the official ``concate_lower_feat`` (commented out in its code), which hands
     the decoder the language-conditioned image features that the responses reach only through one
     ``Dense(h * w)`` map per query.
+
+    With ``fine_channels`` > 0 (not in the official network) a finer backbone map, projected by a 1x1
+    CBL to ``dim / 2``, is concatenated right after upsampling number ``fine_after_up`` (1-based) and
+    one more CBL merges it: the coarse map says *which* object, the language-free fine map where its
+    edges are (a U-Net / DeepLabv3+ style skip).
     """
 
-    def __init__(self, in_channels: int, dim: int, num_up: int, lower_channels: int = 0) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        dim: int,
+        num_up: int,
+        lower_channels: int = 0,
+        fine_channels: int = 0,
+        fine_after_up: int = 1,
+    ) -> None:
         super().__init__()
+        if fine_channels and not 1 <= fine_after_up <= num_up:
+            raise BadConfigError(
+                f"the fine skip joins after upsampling {fine_after_up}, but the head upsamples {num_up} times"
+            )
+        fine_dim = dim // 2 if fine_channels else 0
         layers: list[nn.Module] = [conv_bn_leaky(in_channels, dim, 3), conv_bn_leaky(dim, dim, 3)]
         layers.append(conv_bn_leaky(dim + lower_channels, dim, 3))
         for i in range(max(num_up, 1)):
+            joins = fine_channels and i + 1 == fine_after_up
             if i < num_up:
                 layers.append(nn.Upsample(scale_factor=2.0, mode="nearest"))
-            layers.append(conv_bn_leaky(dim, dim, 3))
+            layers.append(conv_bn_leaky(dim + (fine_dim if joins else 0), dim, 3))
+            if joins:
+                layers.append(conv_bn_leaky(dim, dim, 3))
         layers.append(nn.Conv2d(dim, 1, 3, padding=1))
         self.body = nn.Sequential(*layers)
-        self.lower_channels = lower_channels
+        self.lower_channels, self.fine_channels, self.fine_after_up = (
+            lower_channels,
+            fine_channels,
+            fine_after_up,
+        )
+        self.fine = conv_bn_leaky(fine_channels, fine_dim) if fine_channels else None
 
-    def forward(self, x: torch.Tensor, lower: torch.Tensor | None = None) -> torch.Tensor:
-        """``B x in x h x w`` (and ``B x lower x h x w`` when built with ``lower_channels``) ->
+    def forward(
+        self, x: torch.Tensor, lower: torch.Tensor | None = None, fine: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``B x in x h x w`` (with ``B x lower x h x w`` when built with ``lower_channels``, and
+        ``B x fine x h*2^k x w*2^k``, k = ``fine_after_up``, when built with ``fine_channels``) ->
         ``B x 1 x h * 2^num_up x w * 2^num_up`` logits."""
         if (lower is None) != (self.lower_channels == 0):
             raise ValueError("pass lower features exactly when the head was built with lower_channels")
+        if (fine is None) != (self.fine is None):
+            raise ValueError("pass fine features exactly when the head was built with fine_channels")
         x = self.body[1](self.body[0](x))
         if lower is not None:
             x = torch.cat([x, lower], dim=1)
-        return self.body[2:](x)
+        ups = 0
+        for layer in self.body[2:]:
+            if isinstance(layer, nn.Upsample):
+                ups += 1
+                x = layer(x)
+                if self.fine is not None and fine is not None and ups == self.fine_after_up:
+                    x = torch.cat([x, self.fine(fine)], dim=1)
+                continue
+            x = layer(x)
+        return x
