@@ -12,7 +12,13 @@ import torch
 import torch.nn.functional as F
 
 import langseg
-from langseg.errors import BadDataError, BadExpressionError, BadImageError, MissingWeightsError
+from langseg.errors import (
+    BadConfigError,
+    BadDataError,
+    BadExpressionError,
+    BadImageError,
+    MissingWeightsError,
+)
 from langseg.models.vlt import save_vlt, vlt_tiny
 from langseg.models.vocab import PAD_ID, UNK_ID, ClipTokenizer, Vocab, split_words, tokenizer_from_config
 from langseg.predict.referrer import ExpressionWarning, Letterbox, Placement, Referrer
@@ -88,6 +94,27 @@ def test_letterbox_maps_the_mask_back_to_the_original_size() -> None:
     # Tall images are padded left and right instead.
     tall = ref.refer(red_left(90, 30).transpose(1, 0, 2).copy(), "the red circle")
     assert tall.mask.shape == (30, 90)
+
+
+def test_logits_or_probabilities_are_resized_to_the_image() -> None:
+    # A 2 x 2 output grid, background logit -2 left and foreground 12 right, resized to 4 x 4 without a
+    # letterbox. Bilinear (align_corners=False) samples the columns at -0.25, 0.25, 0.75 and 1.25 grid
+    # cells: weights (1, 0), (3/4, 1/4), (1/4, 3/4), (0, 1) on (left, right).
+    logits = torch.tensor([[[-2.0, 12.0], [-2.0, 12.0]]])
+    place = Placement(4, 4, 4, 4, 4, 0, 0)
+    sig = torch.sigmoid
+    by_logits = sig(torch.tensor([-2.0, 1.5, 8.5, 12.0]))
+    left, right = sig(torch.tensor(-2.0)), sig(torch.tensor(12.0))
+    by_probability = torch.stack([left, 0.75 * left + 0.25 * right, 0.25 * left + 0.75 * right, right])
+    got = Referrer._to_image(logits, place)
+    assert torch.allclose(got[0], by_logits.expand(4, 4), atol=1e-6)
+    official = Referrer._to_image(logits, place, "probability")
+    assert torch.allclose(official[0], by_probability.expand(4, 4), atol=1e-6)
+    # The second column is foreground (> 0.35) only when the logits are resized: 0.82 against 0.34.
+    assert (got[0, 0] > 0.35).tolist() == [False, True, True, True]
+    assert (official[0, 0] > 0.35).tolist() == [False, False, True, True]
+    with pytest.raises(BadConfigError, match="upsample"):
+        Referrer(lambda x: x, lambda f, i, m: f, Vocab.build(CORPUS), 32, upsample="nearest")
 
 
 def test_empty_mask_scores_its_best_pixel() -> None:

@@ -159,7 +159,7 @@ class VLTTrainModule(nn.Module):
         h, w = batch["image"].shape[-2:]
         size = self.net.input_size
         place = place or Placement(size, w, h, w, h, 0, 0)
-        return Referrer._to_image(torch.sigmoid(logits.float()[:, 0]), place)
+        return Referrer._to_image(logits.float()[:, 0], place)
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:
