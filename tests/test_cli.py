@@ -60,6 +60,9 @@ def test_data_shapes_writes_the_documented_layout(monkeypatch, capsys, tmp_path:
         assert sorted(p.name for p in (out_dir / sub).iterdir()) == [f"00000{i}.{ext}" for i in range(3)]
 
 
+EVAL_VLT = ["eval", "vlt-shapes", "--data", "shapeworld-referring", "--data-arg", "num_scenes=1"]
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -71,6 +74,14 @@ def test_data_shapes_writes_the_documented_layout(monkeypatch, capsys, tmp_path:
         (["data", "shapes", "--out", "{tmp}/a", "--min-objects", "5", "--max-objects", "2"], "min_objects"),
         (["data", "shapes", "--out", "{tmp}/a", "--granularity", "texture"], "granularity"),
         (["no-such-command"], "No such command"),
+        (
+            [*EVAL_VLT, "--plan", "paper"],
+            "does not take",
+        ),
+        (
+            [*EVAL_VLT, "--upsample", "nearest"],
+            "unknown upsample",
+        ),
     ],
 )
 def test_bad_input_is_a_message_not_a_traceback(monkeypatch, capsys, tmp_path: Path, args, expected) -> None:

@@ -52,7 +52,15 @@ def load(
         raise BadConfigError(
             f"model {entry.name!r} has no predictor", hint="Use langseg.create_model() for the bare network."
         )
-    return entry.loader(entry, weights=weights, device=device, **options)
+    try:
+        return entry.loader(entry, weights=weights, device=device, **options)
+    except TypeError as err:  # an option the family's predictor does not take (e.g. plan= for VLT)
+        if "unexpected keyword argument" not in str(err):
+            raise
+        raise BadConfigError(
+            f"{entry.name} ({entry.family}) does not take that option: {err}",
+            hint="LSeg and dense CLIP take plan/templates; VLT takes threshold and upsample.",
+        ) from err
 
 
 def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:

@@ -237,6 +237,9 @@ def eval_(
     ),
     weights: Path | None = typer.Option(None, "--weights", help="Local weights for a registered name."),
     plan: str | None = typer.Option(None, "--plan", help="Test-time plan: single or paper (LSeg)."),
+    upsample: str | None = typer.Option(
+        None, "--upsample", help="VLT: resize logits (default) or probability (official) to the image."
+    ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate the first N samples only."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
     out: Path | None = typer.Option(None, "--out", help="Also write the scores as JSON here."),
@@ -264,7 +267,8 @@ def eval_(
     if split is not None:
         kwargs["split"] = split
     dataset = build_dataset(DataConfig(name=data, kwargs=kwargs))
-    options = {} if plan is None else {"plan": plan}
+    given = {"plan": plan, "upsample": upsample}
+    options = {key: value for key, value in given.items() if value is not None}
     predictor = langseg.load(model, weights=weights, device=device, **options)
     scores = evaluate(predictor, dataset, limit=limit)
     if os.environ.get("RANK", "0") != "0":
