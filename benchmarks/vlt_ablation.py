@@ -186,8 +186,16 @@ RECIPE_KEYS = (
 )
 
 
-# Settings added after caches were written: a cache without them ran with these values.
-RECIPE_DEFAULTS: dict[str, Any] = {"fine_skip": False}
+# Settings added after caches were written: a cache without them ran with these values. Before
+# "upsample" was recorded, held-out masks were the resized sigmoid probabilities (the official mapping).
+RECIPE_DEFAULTS: dict[str, Any] = {"fine_skip": False, "upsample": "probability"}
+# How held-out masks reach the image: the training engine scores the way the Referrer predicts.
+UPSAMPLE = "logits"
+
+
+def recipe_record(args: argparse.Namespace) -> dict[str, Any]:
+    """What a cache records of the recipe, to refuse runs made under other settings."""
+    return {**{k: getattr(args, k) for k in RECIPE_KEYS}, "upsample": UPSAMPLE}
 
 
 def key_of(switches: dict[str, Any]) -> str:
@@ -200,7 +208,7 @@ def load_cache(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]
     if args.cache is None or not args.cache.is_file():
         return {}
     data = json.loads(args.cache.read_text())
-    recipe_args = {k: getattr(args, k) for k in RECIPE_KEYS}
+    recipe_args = recipe_record(args)
     if {**RECIPE_DEFAULTS, **data["recipe"]} != recipe_args:
         sys.exit(f"error: {args.cache} holds runs of another recipe {data['recipe']}; use another --cache")
     return data["runs"]
@@ -211,7 +219,7 @@ def save_cache(args: argparse.Namespace, runs: dict[str, dict[str, dict[str, flo
     tables into the same ``--cache`` (one per core) never drop each other's runs."""
     if args.cache is None:
         return
-    recipe_args = {k: getattr(args, k) for k in RECIPE_KEYS}
+    recipe_args = recipe_record(args)
     with open(args.cache.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         on_disk = load_cache(args)
