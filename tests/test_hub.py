@@ -71,6 +71,10 @@ def test_checkpoint_round_trip_with_tied_weights(tmp_path: Path) -> None:
     assert set(load_file(str(out / "model.safetensors"))) == set(model.state_dict())
     # The .safetensors file path works as well as its folder.
     assert read_checkpoint(out / "model.safetensors")[1] == config
+    # Weights are as readable as any file the user writes (safetensors alone makes them owner-only).
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
 
 
 def test_checkpoint_errors(tmp_path: Path) -> None:

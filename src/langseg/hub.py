@@ -161,6 +161,9 @@ def save_checkpoint(module: torch.nn.Module, out_dir: str | Path, config: dict[s
         state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
         save_file(_untie(state), str(out / WEIGHTS_NAME))
         (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        # safetensors creates the file owner-only (0600); give it the mode config.json got from the
+        # umask, so a model folder shared with others (or packaged) is readable by them.
+        (out / WEIGHTS_NAME).chmod((out / CONFIG_NAME).stat().st_mode & 0o777)
     except OSError as err:
         raise OutputError(f"cannot write a checkpoint to {out}: {err.strerror or err}") from err
     return out
