@@ -9,14 +9,14 @@ import torch
 import langseg
 from langseg.data.shapes import ShapeWorldConfig
 from langseg.data.shapes_datasets import ShapeWorldReferring
-from langseg.predict.referrer import ExpressionWarning
+from langseg.predict.referrer import ExpressionWarning, Referrer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_bundled_vlt_shapes_finds_objects_in_unseen_scenes() -> None:
-    referrer = langseg.load("vlt-shapes")
-    # World seed 2 is neither the training (0) nor the validation (1) world of configs/vlt_shapes.yaml.
+def held_out_ious(referrer: Referrer) -> np.ndarray:
+    """Per-expression IoU on 10 scenes of world seed 2, neither the training (0) nor the validation (1)
+    world of configs/vlt_shapes.yaml, each scene encoded once."""
     data = ShapeWorldReferring(num_scenes=10, seed=2, config=ShapeWorldConfig(size=64))
     by_scene: dict[int, list[dict]] = {}
     for i in range(len(data)):
@@ -30,10 +30,23 @@ def test_bundled_vlt_shapes_finds_objects_in_unseen_scenes() -> None:
             truth = sample["mask"].numpy().astype(bool)
             assert result.mask.shape == truth.shape
             ious.append((truth & result.mask).sum() / (truth | result.mask).sum())
-    # Measured 0.721 over these 126 expressions (0.710 on the 1140 validation ones); a broken loader,
-    # preprocessing or vocabulary drops it to about 0.
-    assert len(ious) == 126 and float(np.mean(ious)) > 0.65
-    assert float(np.mean(np.array(ious) > 0.5)) > 0.8
+    return np.array(ious)
+
+
+def test_bundled_vlt_shapes_segments_unseen_scenes() -> None:
+    ious = held_out_ious(langseg.load("vlt-shapes"))
+    # Measured 0.867 mean IoU over these 126 expressions, 90 % found (0.893 on 2422 of the same world);
+    # a broken loader, preprocessing or vocabulary drops it to about 0.
+    assert len(ious) == 126 and ious.mean() > 0.8
+    assert (ious > 0.5).mean() > 0.85 and (ious > 0.9).mean() > 0.6
+
+
+def test_resizing_probabilities_swells_the_bundled_models_masks() -> None:
+    # The official mapping (resize the sigmoid, then 0.35) on a model trained with its loss on resized
+    # logits: the objects are still found, but their masks grow past the edges (measured 0.698 mean IoU,
+    # no expression above 0.9 IoU).
+    ious = held_out_ious(langseg.load("vlt-shapes", upsample="probability"))
+    assert (ious > 0.5).mean() > 0.85 and (ious > 0.9).mean() < 0.1 and ious.mean() < 0.75
 
 
 def test_bundled_vlt_shapes_takes_any_text_without_crashing() -> None:

@@ -49,7 +49,7 @@ DECODERS = ("transformer", "conv")
 # Weights that ship inside the package (langseg/weights/<name>/), checked by digest when loaded.
 BUNDLED: dict[str, WeightsSpec] = {
     "vlt-shapes": WeightsSpec(
-        None, "model.safetensors", sha256="f4fd36156cbacc624242f13c4ce4e483020eb981ae5e33168a25e586659b53ee"
+        None, "model.safetensors", sha256="ec56cbfe72af4bc4f9b116e68e1f117b5330d0c522947fdf449d21213b8b7a54"
     ),
 }
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
