@@ -409,11 +409,8 @@ class MaskHead(nn.Module):
                 layers.append(conv_bn_leaky(dim, dim, 3))
         layers.append(nn.Conv2d(dim, 1, 3, padding=1))
         self.body = nn.Sequential(*layers)
-        self.lower_channels, self.fine_channels, self.fine_after_up = (
-            lower_channels,
-            fine_channels,
-            fine_after_up,
-        )
+        self.lower_channels = lower_channels
+        self.fine_channels, self.fine_after_up = fine_channels, fine_after_up
         self.fine = conv_bn_leaky(fine_channels, fine_dim) if fine_channels else None
 
     def forward(
