@@ -152,7 +152,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--fine-skip",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="join the finest backbone map into the mask head (vlt-shapes has it; the recorded tables not)",
+        help="join the finest backbone map into the mask head (off in vlt-shapes and the recorded tables)",
     )
     parser.add_argument(
         "--loss-resolution", choices=("output", "input"), default="input", help="see langseg vlt_loss"
