@@ -29,8 +29,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from langseg.models.dense_clip_zoo import dense_clip_segmenter
 from langseg.predict.tta import window_starts
+from langseg.zoo.dense_clip import DenseClipOptions, dense_clip_segmenter
 
 LABELS = ["cat", "sofa", "other"]
 
@@ -56,11 +56,12 @@ def measure(dtype: torch.dtype, size: int, mode: str, repeats: int) -> dict[str,
     tokenizer = open_clip.get_tokenizer("ViT-B-16")
 
     def make():
-        return dense_clip_segmenter(model, tokenizer, mode, short_side=size)
+        return dense_clip_segmenter(model, tokenizer, mode, options=DenseClipOptions(short_side=size))
 
     seg = make()
     images = [photo(size, seed) for seed in range(2)]
-    x = seg._prepare(images[0])  # the working image segment() will cut its windows from
+    seg.set_image(images[0])
+    x = seg.input_tensor  # the working image segment() will cut its windows from
     crop, stride, batch = seg.plan.crop, seg.plan.window_stride(), seg.plan.batch_size
     boxes = [(t, s) for t in window_starts(size, crop, stride) for s in window_starts(size, crop, stride)]
     windows = torch.cat([x[..., t : t + crop, s : s + crop] for t, s in boxes]).to(dtype)

@@ -48,7 +48,7 @@ from tests.test_data_semantic import (  # noqa: E402
     write_voc,
 )
 
-from langseg.train import DataConfig, build_dataset  # noqa: E402
+from langseg.data import build_dataset  # noqa: E402
 from langseg.train.transforms import collate  # noqa: E402
 
 Size = tuple[int, int]
@@ -191,7 +191,7 @@ def main() -> None:
         for name, (folder, kwargs) in runs.items():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # coco-20i: derived lists
-                data = build_dataset(DataConfig(name=name, kwargs={"root": str(base / folder), **kwargs}))
+                data = build_dataset(name, {"root": str(base / folder), **kwargs})
             files = files_of(data)
             h, w = data[0]["image"].shape[1:]
             runs = {

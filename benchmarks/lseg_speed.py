@@ -38,9 +38,10 @@ import numpy as np
 import torch
 
 from langseg.api import create_model
-from langseg.models.lseg import TEXT_ENCODER_CONFIGS, lseg_segmenter
+from langseg.models.lseg import TEXT_ENCODER_CONFIGS, LSeg
 from langseg.models.text import ClipTextEncoder
 from langseg.predict import InferencePlan, Segmenter
+from langseg.zoo.lseg import LSegOptions, lseg_segmenter
 
 LABELS = ["cat", "grass", "sky", "wooden table", "other"]
 
@@ -94,7 +95,7 @@ def worker(model: str, dtype: str, sizes: list[int], runs: int) -> list[dict]:
     """Measure one model in one dtype (random weights); one row per size."""
     torch.manual_seed(0)
     net, text = create_model(model), ClipTextEncoder(**TEXT_ENCODER_CONFIGS[model])
-    seg = lseg_segmenter(net, text, plan=InferencePlan(), dtype=dtype)
+    seg = lseg_segmenter(LSeg(net, text), options=LSegOptions(plan=InferencePlan(), dtype=dtype))
     loaded_kib = _status_kib("VmRSS")
     return [
         {"model": model, "dtype": dtype, "size": size, **measure(seg, size, runs, loaded_kib)}

@@ -76,7 +76,7 @@ EVAL_VLT = ["eval", "vlt-shapes", "--data", "shapeworld-referring", "--data-arg"
         (["no-such-command"], "No such command"),
         (
             [*EVAL_VLT, "--plan", "paper"],
-            "does not take",
+            "take no option 'plan'",
         ),
         (
             [*EVAL_VLT, "--upsample", "nearest"],

@@ -1,5 +1,6 @@
-"""Every benchmark is found by name through ``build_dataset(DataConfig(...))`` with ``root`` and
-``split``, batches through the engine's collate (with DataLoader workers), and pickles (spawn)."""
+"""Every benchmark is found by name through ``langseg.data.build_dataset(name, kwargs)`` with ``root``
+and ``split``, batches through the engine's collate (with DataLoader workers), and pickles (spawn); the
+registry lives in langseg.data, which does not import the training code."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from langseg.data import build_dataset, list_datasets, register_dataset
+from langseg.data import registry as data_registry
 from langseg.errors import BadConfigError, BadDataError
-from langseg.train import DataConfig, build_dataset
-from langseg.train.tasks import list_datasets
 from langseg.train.transforms import collate
 from tests.test_data_fewshot import write_coco2014, write_fss, write_hsnet_pascal_lists, write_pascal
 from tests.test_data_refcoco import write_refer
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(name: str, root: Path, **kwargs):
-    return build_dataset(DataConfig(name=name, kwargs={"root": str(root), **kwargs}))
+    return build_dataset(name, {"root": str(root), **kwargs})
 
 
 def test_all_benchmarks_registered() -> None:
@@ -42,13 +43,16 @@ def test_all_benchmarks_registered() -> None:
     assert names <= set(list_datasets())
 
 
-def test_registry_import_order_is_free() -> None:
-    """Importing langseg.data.registry before langseg.train.tasks (tasks imports it back) must work."""
+def test_importing_langseg_data_does_not_import_the_training_code() -> None:
+    """The registry and every loader come with ``import langseg.data``; ``langseg.train`` stays out."""
     code = (
-        "import langseg.data.registry as r, langseg.train.tasks as t; "
-        "assert set(r.BENCHMARKS) <= set(t.list_datasets())"
+        "import sys, langseg.data, langseg.data.registry as r; "
+        "assert set(r.BENCHMARKS) <= set(langseg.data.list_datasets()); "
+        "loaded = sorted(m for m in sys.modules if m.startswith('langseg.train')); "
+        "assert not loaded, loaded"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize("name", sorted(SEMANTIC))
@@ -111,3 +115,31 @@ def test_config_errors_name_the_keyword_and_root(tmp_path: Path) -> None:
         build("ade20k", tmp_path, fold=1)
     with pytest.raises(BadDataError, match="does not exist"):
         build("voc2012", tmp_path / "missing", split="val")
+
+
+def test_registry_errors_and_registration() -> None:
+    with pytest.raises(BadConfigError, match="unknown dataset 'nope'") as unknown:
+        build_dataset("nope")
+    assert "shapeworld-semantic" in unknown.value.hint and "pascal-5i" in unknown.value.hint
+    with pytest.raises(BadConfigError, match="unknown ShapeWorld setting 'colour'"):
+        build_dataset("shapeworld-semantic", {"colour": "red"})
+    with pytest.raises(
+        BadConfigError, match=r"bad data\.kwargs / --data-arg for dataset 'shapeworld-folder':"
+    ):
+        build_dataset("shapeworld-folder", {"root": None})  # Path(None): a TypeError inside the builder
+
+    def tiny(size: int = 3) -> list[int]:
+        return list(range(size))
+
+    register_dataset("test-tiny", tiny)  # type: ignore[arg-type]
+    try:
+        assert "test-tiny" in list_datasets() and build_dataset("test-tiny", {"size": 2}) == [0, 1]
+        with pytest.raises(BadConfigError, match="unknown keyword 'length'") as bad:
+            build_dataset("test-tiny", {"length": 2})
+        assert "size" in bad.value.hint
+        with pytest.raises(ValueError, match="already registered"):
+            register_dataset("test-tiny", lambda: [])  # type: ignore[arg-type,return-value]
+        register_dataset("test-tiny", lambda: [7], overwrite=True)  # type: ignore[arg-type,return-value]
+        assert build_dataset("test-tiny") == [7]
+    finally:
+        data_registry._DATASETS.pop("test-tiny")

@@ -1,6 +1,6 @@
-"""`langseg eval` end to end on real-layout fixtures: one semantic (VOC2012) and one referring (RefCOCO)
-dataset, with random-weight models saved the way langseg saves them. Scores are checked against the
-same predictions scored literally."""
+"""`langseg eval` end to end on real-layout fixtures: one semantic (VOC2012), one few-shot (PASCAL-5i) and
+one referring (RefCOCO) dataset, with random-weight models saved the way langseg saves them. Scores are
+checked against the same predictions scored literally."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ import pytest
 import torch
 
 import langseg
-from langseg.metrics import ReferringMetrics, SemanticMetrics
-from langseg.models.vlt import save_vlt, vlt_tiny
-from langseg.models.vocab import Vocab
-from langseg.train import DataConfig, build_dataset, load_config
+from langseg.data import build_dataset
+from langseg.metrics import FewShotMetrics, ReferringMetrics, SemanticMetrics
+from langseg.models.vlt import vlt_tiny
+from langseg.predict.tokenizers import Vocab
+from langseg.train import load_config
 from langseg.train.lseg_task import build_lseg_semantic
+from langseg.zoo.vlt import save_vlt
 from tests.test_cli import run_cli
+from tests.test_data_fewshot import write_hsnet_pascal_lists, write_pascal
 from tests.test_data_refcoco import write_refer
 from tests.test_data_semantic import write_voc
 
@@ -38,9 +41,7 @@ def test_eval_voc2012_with_an_lseg_folder(tmp_path: Path, monkeypatch, capsys) -
     assert "mIoU" in stdout
     scores = json.loads(out.read_text())
 
-    dataset = build_dataset(
-        DataConfig(name="voc2012", kwargs={"root": str(tmp_path / "voc"), "split": "val"})
-    )
+    dataset = build_dataset("voc2012", {"root": str(tmp_path / "voc"), "split": "val"})
     segmenter = langseg.load(folder)
     literal = SemanticMetrics(len(dataset.labels))
     for i in range(len(dataset)):
@@ -63,9 +64,7 @@ def test_eval_refcoco_with_a_vlt_folder(tmp_path: Path, monkeypatch, capsys) -> 
     assert code == 0, stderr
     scores = json.loads(out.read_text())
 
-    dataset = build_dataset(
-        DataConfig(name="refcoco", kwargs={"root": str(tmp_path / "refer"), "split": "testA"})
-    )
+    dataset = build_dataset("refcoco", {"root": str(tmp_path / "refer"), "split": "testA"})
     referrer = langseg.load(folder)
     literal = ReferringMetrics()
     for i in range(len(dataset)):
@@ -76,3 +75,31 @@ def test_eval_refcoco_with_a_vlt_folder(tmp_path: Path, monkeypatch, capsys) -> 
     assert expected.count == len(dataset) == 3  # two refs with 2 + 1 sentences in testA
     assert scores["mIoU"] == pytest.approx(expected.mean_iou)
     assert scores["Pr@0.5"] == pytest.approx(expected.precision[0.5])
+
+
+def test_eval_pascal5i_with_an_lseg_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The few-shot protocol with a real (random) LSeg: each sample's own ["others", class] labels."""
+    root = tmp_path / "voc"
+    write_pascal(root)
+    write_hsnet_pascal_lists(root / "splits")
+    torch.manual_seed(0)
+    config = load_config(None, ["task=lseg-semantic", "model=lseg-tiny", f"model_kwargs={{text: {TEXT}}}"])
+    folder = build_lseg_semantic(config).module.export(tmp_path / "lseg")
+    out = tmp_path / "scores.json"
+    args = ["eval", str(folder), "--data", "pascal-5i", "--root", str(root), "--data-arg", "fold=0"]
+    code, stdout, stderr = run_cli(monkeypatch, capsys, *args, "--out", str(out))
+    assert code == 0, stderr
+    assert "FB-IoU" in stdout
+    scores = json.loads(out.read_text())
+
+    dataset = build_dataset("pascal-5i", {"root": str(root), "fold": 0})
+    segmenter = langseg.load(folder)
+    literal = FewShotMetrics()
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        mask = segmenter.segment(sample["image"].permute(1, 2, 0).numpy(), sample["labels"]).mask
+        literal.update(sample["meta"]["class_id"], torch.from_numpy(mask), sample["mask"])
+    expected = literal.compute()
+    assert expected.classes == scores["classes"] == 2  # aeroplane and bird, from HSNet's fold-0 list
+    assert scores["mIoU"] == pytest.approx(expected.miou)
+    assert scores["FB-IoU"] == pytest.approx(expected.fb_iou)

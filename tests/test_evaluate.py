@@ -1,4 +1,5 @@
-"""Predictor evaluation: metrics equal a literal loop, and 2 torchrun ranks equal one process."""
+"""Evaluation: evaluators keep one contract, the right one is picked per dataset, predictor metrics equal
+a literal loop, and 2 torchrun ranks equal one process. Few-shot end to end: test_eval_fewshot.py."""
 
 from __future__ import annotations
 
@@ -11,32 +12,54 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from langseg.data import COLOURS, ShapeWorldConfig, ShapeWorldSemantic
-from langseg.evaluate import evaluate
+from langseg.data import COLOURS, ShapeWorldConfig, ShapeWorldReferring, ShapeWorldSemantic, write_shapeworld
+from langseg.data.shapes_datasets import ShapeWorldFolder
+from langseg.errors import BadConfigError, BadDataError
+from langseg.evaluate import (
+    FewShotEvaluator,
+    ReferringEvaluator,
+    SemanticEvaluator,
+    evaluate,
+    evaluator_for,
+    run_evaluator,
+)
 from langseg.metrics import SemanticMetrics
 from langseg.predict import Preprocess, Segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def colour_segmenter() -> Segmenter:
-    """A 'model' that labels each pixel with the nearest named colour (grey -> background)."""
-    names = {"background": (128, 128, 128), **COLOURS}
+class ColourModel(nn.Module):
+    """A dense image-text 'model': pixels are their colour, each word a named colour (grey = background)."""
 
-    def encode_text(prompts: list[str]) -> torch.Tensor:
-        return torch.tensor([names[p] for p in prompts], dtype=torch.float32) / 255.0
+    def __init__(self) -> None:
+        super().__init__()
+        self.names = {"background": (128, 128, 128), **COLOURS}
+        self.register_buffer("table", torch.tensor(list(self.names.values()), dtype=torch.float32) / 255.0)
 
-    def encode_image(images: torch.Tensor) -> torch.Tensor:
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return torch.tensor([list(self.names).index(p) for p in prompts])
+
+    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        # One-hot: it survives the predictor's unit-normalisation, which RGB vectors would not.
+        return F.one_hot(token_ids, len(self.names)).float()
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return images
 
-    def dense_logits(pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def dense_logits(self, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         # Negative squared distance in RGB: the nearest colour wins.
-        return -((pixels[:, None] - text[None, :, :, None, None]) ** 2).sum(2) * 50
+        colours = text @ self.table
+        return -((pixels[:, None] - colours[None, :, :, None, None]) ** 2).sum(2) * 50
 
-    return Segmenter(
-        encode_image, dense_logits, encode_text, preprocess=Preprocess(mean=(0, 0, 0), std=(1, 1, 1))
-    )
+
+def colour_segmenter() -> Segmenter:
+    """A segmenter that labels each pixel with the nearest named colour."""
+    model = ColourModel()
+    return Segmenter(model, model.tokenize, preprocess=Preprocess(mean=(0, 0, 0), std=(1, 1, 1)))
 
 
 def test_semantic_evaluation_equals_a_literal_loop() -> None:
@@ -90,22 +113,83 @@ def test_two_ranks_give_the_single_process_scores(tmp_path: Path) -> None:
         assert np.isclose(one[key], two[key], equal_nan=True), key
 
 
-def test_fewshot_scores_follow_the_zero_shot_protocol() -> None:
-    """Hand-worked: class 3 has two samples, class 7 one; mIoU averages per-class foreground IoUs."""
-    from langseg.evaluate import FewShotMetrics
+def fewshot_sample(class_id: int, target: list[int]) -> dict:
+    """A one-row few-shot sample (the structure of langseg.data.fewshot_datasets)."""
+    mask = torch.tensor([target])
+    image = torch.zeros(3, *mask.shape, dtype=torch.uint8)
+    meta = {"class_id": class_id, "class_name": f"class {class_id}"}
+    return {"image": image, "mask": mask, "labels": ["others", f"class {class_id}"], "meta": meta}
 
-    def masks(pred: list[int], target: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.tensor([pred]), torch.tensor([target])
 
-    metrics = FewShotMetrics()
-    metrics.update(3, *masks([1, 1, 0, 0], [1, 0, 0, 0]))  # class 3: I=1, U=2
-    metrics.update(3, *masks([1, 1, 1, 0], [1, 1, 255, 0]))  # class 3: I=2, U=2 (255 ignored)
-    metrics.update(7, *masks([0, 0, 0, 0], [0, 0, 1, 1]))  # class 7: I=0, U=2
-    scores = metrics.compute()
-    # Foreground IoU: class 3 = (1 + 2) / (2 + 2) = 0.75, class 7 = 0 / 2 = 0 -> mIoU 0.375.
-    assert scores.miou == pytest.approx(0.375) and scores.classes == 2
-    # All samples pooled: fg I=3, U=6 -> 0.5; bg: pred-bg & target-bg = 1 + 1 + 2 = 4 ... see below.
-    # Pooled confusion over labelled pixels (rows target, cols pred):
-    #   bg->bg: sample1 {2,3}=2, sample2 {3}=1, sample3 {0,1}=2 -> 5;  bg->fg: sample1 {1}=1 -> 1
-    #   fg->bg: sample3 {2,3}=2 -> 2;  fg->fg: 1 + 2 = 3.  bg IoU = 5 / (5 + 1 + 2) = 0.625, fg = 3 / 6 = 0.5.
-    assert scores.fb_iou == pytest.approx((0.625 + 0.5) / 2)
+def test_evaluator_for_picks_the_protocol_from_the_dataset(tmp_path: Path) -> None:
+    semantic = ShapeWorldSemantic(2, seed=0, config=ShapeWorldConfig(size=32), granularity="colour")
+    picked = evaluator_for(semantic)
+    assert isinstance(picked, SemanticEvaluator)
+    assert picked.class_names == semantic.labels and picked.num_classes == len(semantic.labels) == 9
+    assert isinstance(
+        evaluator_for(ShapeWorldReferring(1, config=ShapeWorldConfig(size=32))), ReferringEvaluator
+    )
+    # A folder read as referring still carries the world's class labels: its text decides.
+    write_shapeworld(tmp_path / "w", 1, config=ShapeWorldConfig(size=32))
+    assert isinstance(evaluator_for(ShapeWorldFolder(tmp_path / "w", "referring")), ReferringEvaluator)
+    assert isinstance(evaluator_for([fewshot_sample(3, [1, 0])]), FewShotEvaluator)
+    with pytest.raises(BadDataError, match="cannot tell how to score a list") as err:
+        evaluator_for([{"image": torch.zeros(3, 1, 1), "mask": torch.zeros(1, 1)}])
+    assert "meta['class_id']" in err.value.hint
+    with pytest.raises(BadDataError):
+        evaluator_for([])
+
+
+def test_fewshot_evaluator_scores_batches_per_class_id() -> None:
+    """Batches of two and one sample; the hand-worked numbers of test_metrics' few-shot example."""
+    samples = [
+        fewshot_sample(3, [1, 0, 0, 0]),
+        fewshot_sample(3, [1, 1, 255, 0]),
+        fewshot_sample(7, [0, 0, 1, 1]),
+    ]
+    preds = [[1, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]]
+
+    def batch(items: list[int]) -> dict:
+        return {
+            "image": torch.stack([samples[i]["image"] for i in items]),
+            "mask": torch.stack([samples[i]["mask"] for i in items]),
+            "labels": [samples[i]["labels"] for i in items],
+            "meta": [{**samples[i]["meta"], "index": i} for i in items],
+        }
+
+    def predict(b: dict) -> torch.Tensor:
+        return torch.tensor([[preds[m["index"]]] for m in b["meta"]])  # B x 1 x 4
+
+    scores = run_evaluator(FewShotEvaluator(), predict, [batch([0, 1]), batch([2])])
+    # Class 3: (1 + 2) / (2 + 2) = 0.75, class 7: 0 -> mIoU 0.375; pooled bg 5/8, fg 3/6 -> FB-IoU 0.5625.
+    assert scores.as_dict() == pytest.approx({"mIoU": 0.375, "FB-IoU": 0.5625, "classes": 2.0})
+
+
+class OnlyRefers:
+    def refer(self, image: np.ndarray, text: str) -> None:
+        raise AssertionError("never called")
+
+
+class OnlySegments:
+    def segment(self, image: np.ndarray, labels: list[str]) -> None:
+        raise AssertionError("never called")
+
+
+def test_a_predictor_must_fit_the_dataset() -> None:
+    semantic = ShapeWorldSemantic(1, seed=0, config=ShapeWorldConfig(size=32), granularity="colour")
+    with pytest.raises(BadConfigError, match="OnlyRefers has no segment"):
+        evaluate(OnlyRefers(), semantic, progress=False)
+    referring = ShapeWorldReferring(1, config=ShapeWorldConfig(size=32))
+    with pytest.raises(BadConfigError, match="OnlySegments has no refer") as err:
+        evaluate(OnlySegments(), referring, progress=False)
+    assert "referring models" in err.value.hint
+
+
+def test_evaluation_does_not_import_the_training_code() -> None:
+    code = (
+        "import sys, langseg.evaluate; "
+        "loaded = sorted(m for m in sys.modules if m.startswith('langseg.train')); "
+        "assert not loaded, loaded"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -17,8 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from langseg.convert import convert_lseg_official, load_lseg, official_to_langseg
+from langseg.convert import convert_lseg_official, official_to_langseg
 from langseg.errors import BadDataError
+from langseg.zoo.lseg import load_lseg
 
 # Official structure per backbone. "post" is act_postprocessN's module 4 (after the 1x1 conv), from
 # _make_vit_b32_backbone / _make_vit_b16_backbone; the tiny layout mirrors the L/16 structure.
@@ -292,11 +293,8 @@ def test_load_ckpt_and_converted_dir_agree(tmp_path):
     ckpt = tmp_path / "tiny.ckpt"
     _write_ckpt(ckpt, TINY, arch_option=1, block_depth=2, seed=3)
     out_dir = convert_lseg_official(ckpt, tmp_path / "out", variant="lseg-tiny")
-    assert sorted(p.name for p in out_dir.iterdir()) == [
-        "config.json",
-        "model.safetensors",
-        "text_encoder.safetensors",
-    ]
+    # langseg's one checkpoint layout; the text tower's tensors sit in the same file under text_encoder.
+    assert sorted(p.name for p in out_dir.iterdir()) == ["config.json", "model.safetensors"]
     images, tokens = torch.rand(1, 3, 64, 64) * 2 - 1, _tokens(["a", "b"])
     results = []
     for source in (ckpt, out_dir, out_dir / "model.safetensors"):
@@ -304,6 +302,32 @@ def test_load_ckpt_and_converted_dir_agree(tmp_path):
         with torch.no_grad():
             results.append(net.eval()(images, text_encoder.encode(tokens)))
     assert torch.equal(results[0], results[1]) and torch.equal(results[1], results[2])
+
+
+def test_folders_converted_by_langseg_0_1_still_load(tmp_path):
+    """langseg 0.1 wrote the network and the text tower to two files; such folders load unchanged."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "tiny.ckpt"
+    _write_ckpt(ckpt, TINY, arch_option=0, block_depth=0, seed=4)
+    new = convert_lseg_official(ckpt, tmp_path / "new", variant="lseg-tiny")
+    state, config = load_file(str(new / "model.safetensors")), json.loads((new / "config.json").read_text())
+    old = tmp_path / "old"
+    old.mkdir()
+    for name, prefix in (("model.safetensors", "net."), ("text_encoder.safetensors", "text_encoder.")):
+        save_file(
+            {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}, str(old / name)
+        )
+    config["weights"] = "model.safetensors"
+    config["text_encoder"]["weights"] = "text_encoder.safetensors"
+    (old / "config.json").write_text(json.dumps(config))
+    images, tokens = torch.rand(1, 3, 64, 64) * 2 - 1, _tokens(["a", "b"])
+    outputs = []
+    for folder in (new, old):
+        net, text_encoder, _ = load_lseg(folder)
+        with torch.no_grad():
+            outputs.append(net.eval()(images, text_encoder.encode(tokens)))
+    assert torch.equal(outputs[0], outputs[1])
 
 
 def test_missing_key_is_an_error_naming_it(tmp_path):

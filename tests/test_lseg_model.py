@@ -14,6 +14,7 @@ from langseg.models.dpt import DPTReassemble
 from langseg.models.lseg import LSegNet, SpatialRegularizer
 from langseg.models.text import ClipTextEncoder
 from langseg.registry import get_model_entry, list_models
+from langseg.zoo import lseg as _lseg_zoo  # noqa: F401  (registers the LSeg entries)
 
 
 def _vit_params(c: int, patch: int, tokens: int, depth: int) -> int:

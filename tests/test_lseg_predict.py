@@ -25,9 +25,9 @@ import langseg
 from langseg.convert import convert_lseg_official
 from langseg.convert.lseg_official import read_official_checkpoint
 from langseg.errors import BadConfigError, BadDataError, BadLabelsError, MissingWeightsError
-from langseg.models.lseg import lseg_plan
 from langseg.predict import InferencePlan
 from langseg.predict.tta import PAPER_SCALES
+from langseg.zoo.lseg import lseg_plan
 from tests.test_cli import run_cli
 from tests.test_lseg_convert import TINY, _write_ckpt
 
@@ -86,7 +86,7 @@ def test_segment_keeps_the_original_size_for_every_image_kind(tiny, tmp_path) ->
 
 def test_caches_skip_text_and_image_work(tiny) -> None:
     seg = langseg.load(tiny[1], plan=InferencePlan(crop=48, stride=32))
-    parts = seg.encode_image.__self__
+    parts = seg.model
     calls = {"text": 0, "image": 0}
     parts.text_encoder.text.register_forward_hook(lambda *_: calls.__setitem__("text", calls["text"] + 1))
     parts.net.encoder.register_forward_hook(lambda *_: calls.__setitem__("image", calls["image"] + 1))
@@ -114,7 +114,7 @@ def test_predictor_logits_equal_lsegnet_forward(tiny, tmp_path) -> None:
     Image.fromarray(scene(70, 90)).save(tmp_path / "scene.png")
     seg = langseg.load(tiny[1], plan=InferencePlan())
     result = seg.segment(tmp_path / "scene.png", LABELS, keep_scores=True)
-    parts = seg.encode_image.__self__
+    parts = seg.model
     x = torch.from_numpy(scene(70, 90)).permute(2, 0, 1)[None].float() / 255.0
     x = F.pad((x - 0.5) / 0.5, (0, 96 - 90, 0, 80 - 70))  # LSeg normalisation; pad to the 16-px patch
     with torch.no_grad():

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from langseg.errors import BadConfigError, BadDataError
-from langseg.metrics import ReferringMetrics, SemanticMetrics
+from langseg.metrics import FewShotMetrics, ReferringMetrics, SemanticMetrics
 
 IGNORE = 255
 
@@ -418,6 +418,75 @@ def test_referring_bad_input_raises() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
+# Few-shot: per-class foreground IoU and pooled FB-IoU.
+
+
+def fewshot_samples() -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Class 3 has two samples, class 7 one (the pixels of one row each: pred, target)."""
+    rows = [
+        (3, [1, 1, 0, 0], [1, 0, 0, 0]),
+        (3, [1, 1, 1, 0], [1, 1, 255, 0]),
+        (7, [0, 0, 0, 0], [0, 0, 1, 1]),
+    ]
+    return [(c, torch.tensor([p]), torch.tensor([t])) for c, p, t in rows]
+
+
+def test_fewshot_scores_follow_the_zero_shot_protocol() -> None:
+    """Hand-worked: mIoU averages per-class foreground IoUs, FB-IoU pools every sample."""
+    metrics = FewShotMetrics()
+    for sample in fewshot_samples():
+        metrics.update(*sample)
+    # class 3: I=1, U=2 then I=2, U=2 (255 ignored); class 7: I=0, U=2.
+    scores = metrics.compute()
+    # Foreground IoU: class 3 = (1 + 2) / (2 + 2) = 0.75, class 7 = 0 / 2 = 0 -> mIoU 0.375.
+    assert scores.miou == pytest.approx(0.375) and scores.classes == 2
+    # Pooled confusion over labelled pixels (rows target, cols pred):
+    #   bg->bg: sample1 {2,3}=2, sample2 {3}=1, sample3 {0,1}=2 -> 5;  bg->fg: sample1 {1}=1 -> 1
+    #   fg->bg: sample3 {2,3}=2 -> 2;  fg->fg: 1 + 2 = 3.  bg IoU = 5 / (5 + 1 + 2) = 0.625, fg = 3 / 6 = 0.5.
+    assert scores.fb_iou == pytest.approx((0.625 + 0.5) / 2)
+    assert scores.as_dict() == pytest.approx({"mIoU": 0.375, "FB-IoU": 0.5625, "classes": 2.0})
+    assert metrics.confusion[3].tolist() == [[3, 1], [0, 3]] and metrics.confusion[7].tolist() == [
+        [2, 0],
+        [2, 0],
+    ]
+
+
+def test_fewshot_class_without_foreground_has_no_iou_and_bool_predictions_count() -> None:
+    metrics = FewShotMetrics(max_classes=10)
+    metrics.update(1, torch.tensor([[True, False]]), torch.tensor([[1, 0]]))  # fg IoU 1
+    metrics.update(2, torch.tensor([[False, False]]), torch.tensor([[0, 0]]))  # no foreground anywhere
+    scores = metrics.compute()
+    assert scores.miou == pytest.approx(1.0) and scores.classes == 2
+    # Pooled: bg 3 of 3 right, fg 1 of 1 -> FB-IoU 1.
+    assert scores.fb_iou == pytest.approx(1.0)
+    empty = FewShotMetrics().compute()
+    assert math.isnan(empty.miou) and math.isnan(empty.fb_iou) and empty.classes == 0
+
+
+def test_fewshot_streaming_state_and_bad_input(tmp_path: Path) -> None:
+    samples = fewshot_samples()
+    first, second = FewShotMetrics(), FewShotMetrics()
+    first.update(*samples[0])
+    for sample in samples[1:]:
+        second.update(*sample)
+    assert first.merge(second).compute().miou == pytest.approx(0.375)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    restored = FewShotMetrics()
+    restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert restored.compute().fb_iou == pytest.approx(0.5625)
+    with pytest.raises(BadDataError, match="max_classes"):
+        FewShotMetrics(max_classes=8).load_state_dict(first.state_dict())
+    with pytest.raises(BadDataError, match="class id 1024 outside"):
+        first.update(1024, *samples[0][1:])
+    with pytest.raises(BadDataError, match="class index 2"):
+        first.update(1, torch.tensor([[2, 0]]), torch.tensor([[1, 0]]))
+    with pytest.raises(BadDataError, match="differs from target shape"):
+        first.update(1, torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(BadConfigError, match="ignore_index=1"):
+        FewShotMetrics(ignore_index=1)
+
+
+# --------------------------------------------------------------------------------------------------------
 # torch.distributed: two gloo ranks, each seeing half of the data, must agree with one process seeing all.
 
 
@@ -430,12 +499,14 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
         rpred, rtarget = random_referring(4, 6, 5, 5)
         referring = ReferringMetrics()
         referring.update(rpred[rank::world_size], rtarget[rank::world_size])
+        fewshot = FewShotMetrics()
+        for sample in fewshot_samples()[rank::world_size]:
+            fewshot.update(*sample)
         semantic.all_reduce()
         referring.all_reduce()
-        torch.save(
-            {"semantic": semantic.state_dict(), "referring": referring.state_dict()},
-            Path(out_dir) / f"rank{rank}.pt",
-        )
+        fewshot.all_reduce()
+        states = {"semantic": semantic, "referring": referring, "fewshot": fewshot}
+        torch.save({k: m.state_dict() for k, m in states.items()}, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -457,9 +528,11 @@ def test_all_reduce_two_gloo_processes_equals_single_process(tmp_path: Path) -> 
     expected_ref = single_ref.compute()
     for rank in range(2):
         state = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        sem, ref = SemanticMetrics(3), ReferringMetrics()
+        sem, ref, few = SemanticMetrics(3), ReferringMetrics(), FewShotMetrics()
         sem.load_state_dict(state["semantic"])
         ref.load_state_dict(state["referring"])
+        few.load_state_dict(state["fewshot"])
+        assert few.compute().as_dict() == pytest.approx({"mIoU": 0.375, "FB-IoU": 0.5625, "classes": 2.0})
         got_sem, got_ref = sem.compute(), ref.compute()
         assert torch.equal(got_sem.confusion, expected_sem.confusion)
         assert_close(got_sem.miou, expected_sem.miou)

@@ -16,12 +16,21 @@ from langseg.errors import (
     BadConfigError,
     BadDataError,
     BadExpressionError,
-    BadImageError,
+    ImageNotSetError,
     MissingWeightsError,
 )
-from langseg.models.vlt import save_vlt, vlt_tiny
-from langseg.models.vocab import PAD_ID, UNK_ID, ClipTokenizer, Vocab, split_words, tokenizer_from_config
-from langseg.predict.referrer import ExpressionWarning, Letterbox, Placement, Referrer
+from langseg.models.vlt import vlt_tiny
+from langseg.predict.letterbox import Placement
+from langseg.predict.referrer import ExpressionWarning, Letterbox, Referrer, foreground_probability
+from langseg.predict.tokenizers import (
+    PAD_ID,
+    UNK_ID,
+    ClipTokenizer,
+    Vocab,
+    split_words,
+    tokenizer_from_config,
+)
+from langseg.zoo.vlt import save_vlt
 
 CORPUS = ["the red circle on the left", "the large blue square", "the star above the red circle"]
 
@@ -29,14 +38,23 @@ CORPUS = ["the red circle on the left", "the large blue square", "the star above
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def red_referrer(input_size: int = 32) -> Referrer:
+class RedModel(torch.nn.Module):
     """A hand-made 'model': foreground where the input is red, at half resolution (output stride 2)."""
 
-    def decode(features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def __init__(self, input_size: int) -> None:
+        super().__init__()
+        self.input_size = input_size
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def decode(self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         logits = 20 * (features[:, :1] - features[:, 2:3]) - 5  # red ~ +12, grey padding -5, blue -22
         return F.avg_pool2d(logits, 2).expand(ids.shape[0], -1, -1, -1)
 
-    return Referrer(lambda x: x, decode, Vocab.build(CORPUS), input_size)
+
+def red_referrer(input_size: int = 32) -> Referrer:
+    return Referrer(RedModel(input_size), Vocab.build(CORPUS))
 
 
 def red_left(height: int = 40, width: int = 100) -> np.ndarray:
@@ -88,9 +106,9 @@ def test_letterbox_maps_the_mask_back_to_the_original_size() -> None:
     # The score is the mean probability over the mask: high for a confident red region (its blurred
     # edge, after stride-2 output and two resizes, keeps it below 1).
     assert 0.85 < result.score < 1.0 and result.text == "the red circle"
-    kept = ref.refer(red_left(), "the red circle", keep_probability=True)
-    assert kept.probability.shape == (40, 100)
-    assert kept.score == pytest.approx(float(kept.probability[kept.mask].mean()), abs=1e-6)
+    kept = ref.refer(red_left(), "the red circle", keep_scores=True)
+    assert kept.scores.shape == (40, 100)
+    assert kept.score == pytest.approx(float(kept.scores[kept.mask].mean()), abs=1e-6)
     # Tall images are padded left and right instead.
     tall = ref.refer(red_left(90, 30).transpose(1, 0, 2).copy(), "the red circle")
     assert tall.mask.shape == (30, 90)
@@ -106,23 +124,23 @@ def test_logits_or_probabilities_are_resized_to_the_image() -> None:
     by_logits = sig(torch.tensor([-2.0, 1.5, 8.5, 12.0]))
     left, right = sig(torch.tensor(-2.0)), sig(torch.tensor(12.0))
     by_probability = torch.stack([left, 0.75 * left + 0.25 * right, 0.25 * left + 0.75 * right, right])
-    got = Referrer._to_image(logits, place)
+    got = foreground_probability(logits, place)
     assert torch.allclose(got[0], by_logits.expand(4, 4), atol=1e-6)
-    official = Referrer._to_image(logits, place, "probability")
+    official = foreground_probability(logits, place, "probability")
     assert torch.allclose(official[0], by_probability.expand(4, 4), atol=1e-6)
     # The second column is foreground (> 0.35) only when the logits are resized: 0.82 against 0.34.
     assert (got[0, 0] > 0.35).tolist() == [False, True, True, True]
     assert (official[0, 0] > 0.35).tolist() == [False, False, True, True]
     with pytest.raises(BadConfigError, match="upsample"):
-        Referrer(lambda x: x, lambda f, i, m: f, Vocab.build(CORPUS), 32, upsample="nearest")
+        Referrer(RedModel(32), Vocab.build(CORPUS), upsample="nearest")
 
 
 def test_empty_mask_scores_its_best_pixel() -> None:
     ref = red_referrer()
     blue = np.zeros((20, 20, 3), np.uint8)
     blue[..., 2] = 200
-    result = ref.refer(blue, "the red circle", keep_probability=True)
-    assert not result.mask.any() and result.score == pytest.approx(float(result.probability.max()))
+    result = ref.refer(blue, "the red circle", keep_scores=True)
+    assert not result.mask.any() and result.score == pytest.approx(float(result.scores.max()))
     assert result.score < 0.35
 
 
@@ -147,7 +165,7 @@ def test_bad_expressions() -> None:
         assert info.value.hint
     with pytest.raises(BadExpressionError, match="string"):
         ref.refer(text=42)  # type: ignore[arg-type]
-    with pytest.raises(BadImageError, match="no image"):
+    with pytest.raises(ImageNotSetError, match="no image"):
         red_referrer().refer("the red circle")
     with pytest.warns(ExpressionWarning, match="limit of 15"):
         result = ref.refer(" ".join(["the red circle"] * 7))
@@ -172,15 +190,15 @@ def test_checkpoint_round_trip_through_the_hub(tmp_path: Path) -> None:
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.5, 1.5)
     image = (np.random.default_rng(0).random((48, 80, 3)) * 255).astype(np.uint8)
-    original = Referrer.from_model(model, vocab, letterbox=Letterbox())
-    expected = original.refer(image, "the red circle", keep_probability=True)
+    original = Referrer(model, vocab, letterbox=Letterbox())
+    expected = original.refer(image, "the red circle", keep_scores=True)
     folder = save_vlt(model, vocab, tmp_path / "ckpt", "vlt-tiny")
     config = json.loads((folder / "config.json").read_text())
     assert config["model"] == "vlt-tiny" and config["tokenizer"]["words"] == vocab.itos[2:]
     for loaded in (langseg.load(folder), langseg.load("vlt-tiny", weights=folder / "model.safetensors")):
         assert isinstance(loaded, Referrer)
-        got = loaded.refer(image, "the red circle", keep_probability=True)
-        assert np.allclose(got.probability, expected.probability, atol=1e-6)
+        got = loaded.refer(image, "the red circle", keep_scores=True)
+        assert np.allclose(got.scores, expected.scores, atol=1e-6)
         assert np.array_equal(got.mask, expected.mask) and got.score == pytest.approx(expected.score)
     with pytest.raises(MissingWeightsError, match="no published weights"):
         langseg.load("vlt-tiny")

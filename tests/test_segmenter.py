@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from langseg.errors import BadImageError, BadLabelsError
+from langseg.errors import BadImageError, BadLabelsError, ImageNotSetError
 from langseg.predict import InferencePlan
 from langseg.predict.segmenter import Preprocess, Segmenter
 
@@ -22,22 +23,37 @@ COLOUR_WORDS = {
 PLAIN = Preprocess(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
-def encode_text(prompts: list[str]) -> torch.Tensor:
-    return F.normalize(torch.tensor([COLOUR_WORDS[p] for p in prompts], dtype=torch.float32), dim=-1)
+class ColourModel(nn.Module):
+    """A hand-made dense image-text 'model': pixels are their colour, words are looked up in a table."""
+
+    def __init__(self, words: dict[str, tuple[float, float, float]]) -> None:
+        super().__init__()
+        self.words = list(words)
+        table = F.normalize(torch.tensor(list(words.values()), dtype=torch.float32), dim=-1)
+        self.register_buffer("table", table)
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return torch.tensor([self.words.index(p) for p in prompts])
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Features at 1/4 resolution, like a patch-based encoder."""
+        return F.avg_pool2d(images, 4)
+
+    def dense_logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return 20 * torch.einsum("bdhw,kd->bkhw", F.normalize(features, dim=1), text)
+
+    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.table[token_ids]
 
 
-def encode_image(images: torch.Tensor) -> torch.Tensor:
-    """Features at 1/4 resolution, like a patch-based encoder."""
-    return F.avg_pool2d(images, 4)
-
-
-def dense_logits(features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    return 20 * torch.einsum("bdhw,kd->bkhw", F.normalize(features, dim=1), text)
+def colour_segmenter(words: dict[str, tuple[float, float, float]], **kwargs) -> Segmenter:
+    model = ColourModel(words)
+    return Segmenter(model, model.tokenize, **kwargs)
 
 
 def make_segmenter(**kwargs) -> Segmenter:
     kwargs.setdefault("preprocess", Preprocess(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), pad_multiple=4))
-    return Segmenter(encode_image, dense_logits, encode_text, **kwargs)
+    return colour_segmenter(COLOUR_WORDS, **kwargs)
 
 
 def halves(height: int = 40, width: int = 64) -> np.ndarray:
@@ -124,10 +140,7 @@ def test_non_ascii_labels_and_hundreds_of_labels() -> None:
     words = {f"étiquette-{i}-猫": (np.cos(i), np.sin(i), 0.3) for i in range(300)}
     words["rouge"] = (1, 0, 0)
 
-    def text(prompts: list[str]) -> torch.Tensor:
-        return F.normalize(torch.tensor([words[p] for p in prompts], dtype=torch.float32), dim=-1)
-
-    seg = Segmenter(encode_image, dense_logits, text, preprocess=PLAIN)
+    seg = colour_segmenter(words, preprocess=PLAIN)
     result = seg.segment(halves(), list(words))
     assert result.mask.shape == (40, 64) and len(result.labels) == 301
 
@@ -154,5 +167,5 @@ def test_huge_image_runs_at_a_working_resolution() -> None:
 def test_bad_image_is_a_clear_error() -> None:
     with pytest.raises(BadImageError):
         make_segmenter().segment(np.zeros((4, 4, 2), np.uint8), ["red", "blue"])
-    with pytest.raises(BadLabelsError, match="no image"):
+    with pytest.raises(ImageNotSetError, match="no image"):
         make_segmenter().segment(labels=["red", "blue"])

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from langseg.train import build_dataset, evaluate, fit, load_config
+from langseg.data import build_dataset
+from langseg.train import evaluate, fit, load_config
 from langseg.train.tasks import build_toy_semantic
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,15 +24,16 @@ WORKER = textwrap.dedent(
     import sys
     import torch
     import torch.distributed as dist
-    from langseg.train import build_dataset, evaluate, fit, load_config
-    from langseg.train.distributed import init_distributed
+    from langseg.data import build_dataset
+    from langseg.distributed import init_distributed
+    from langseg.train import evaluate, fit, load_config
     from langseg.train.tasks import build_toy_semantic
 
     config = load_config(None, sys.argv[2:])
     info = init_distributed("cpu")  # our own group: fit() uses it and leaves it open
     module = fit(config).module
     # Evaluate again after training, to inspect the reduced counts, not only the logged ratios.
-    val = build_dataset(config.val_data)
+    val = build_dataset(config.val_data.name, config.val_data.kwargs)
     scores = evaluate(module, val, build_toy_semantic(config).evaluate, config.val_data, info)
     state = {"params": module.state_dict(), "confusion": scores.confusion}
     torch.save(state, f"{sys.argv[1]}/rank{info.rank}.pt")
@@ -95,7 +97,8 @@ def test_two_ranks_stay_identical_and_match_one_process(tmp_path: Path) -> None:
     config = load_config(None, SETTINGS)
     parts = build_toy_semantic(config)
     parts.module.load_state_dict(rank0)
-    scores = evaluate(parts.module, build_dataset(config.val_data), parts.evaluate, config.val_data)
+    val = build_dataset(config.val_data.name, config.val_data.kwargs)
+    scores = evaluate(parts.module, val, parts.evaluate, config.val_data)
     assert int(scores.confusion.sum()) == 5 * 32 * 32
     for rank in ranks:  # every pixel counted once, and every rank holds the global sums
         assert torch.equal(rank["confusion"], scores.confusion)

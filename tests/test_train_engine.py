@@ -11,16 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from langseg.data import build_dataset
 from langseg.errors import BadConfigError, OutputError
-from langseg.train import (
-    DataConfig,
-    ReferringEvaluator,
-    TrainConfig,
-    build_dataset,
-    evaluate,
-    fit,
-    load_config,
-)
+from langseg.evaluate import ReferringEvaluator
+from langseg.train import DataConfig, TrainConfig, evaluate, fit, load_config
 from langseg.train import checkpoint as ckpt
 from langseg.train.checkpoint import find_latest_checkpoint, save_checkpoint, seed_everything
 from langseg.train.tasks import build_toy_semantic
@@ -74,7 +68,7 @@ def test_training_reduces_the_loss_on_the_toy_task(tmp_path: Path) -> None:
     # The same seeded initialisation as fit(), scored on held-out scenes before training.
     seed_everything(config.seed)
     untrained = build_toy_semantic(config).module
-    val = collate([build_dataset(config.val_data)[i] for i in range(8)])
+    val = collate([build_dataset(config.val_data.name, config.val_data.kwargs)[i] for i in range(8)])
     val["image"] = normalize(val["image"], config.data.mean, config.data.std)
     with torch.no_grad():
         before = untrained(val)["loss"].item()
@@ -205,7 +199,7 @@ def test_evaluate_referring_through_the_predict_contract() -> None:
             assert batch["image"].dtype == torch.float32 and len(batch["text"]) == batch["mask"].shape[0]
             return batch["mask"] if self.perfect else torch.zeros_like(batch["mask"])
 
-    dataset = build_dataset(DataConfig("shapeworld-referring", {"num_scenes": 2, "size": 32}))
+    dataset = build_dataset("shapeworld-referring", {"num_scenes": 2, "size": 32})
     data = DataConfig(batch_size=4)
     perfect = evaluate(Oracle(True), dataset, ReferringEvaluator(), data)
     assert perfect.count == len(dataset) and perfect.overall_iou == 1.0 and perfect.precision[0.9] == 1.0

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import langseg
+from langseg.data import build_dataset
 from langseg.errors import BadConfigError
 from langseg.evaluate import evaluate
-from langseg.train import build_dataset, fit, load_config
+from langseg.train import fit, load_config
 from langseg.train.export import export_checkpoint
 from langseg.train.lseg_task import build_lseg_semantic
 
@@ -51,7 +52,9 @@ def test_lseg_learns_shapeworld_colours(tmp_path: Path) -> None:
     result = fit(config)
     # The exported model, loaded as a predictor, scores the held-out scenes exactly as training did.
     folder = export_checkpoint(config, "auto", tmp_path / "model")
-    scores = evaluate(langseg.load(folder), build_dataset(config.val_data), progress=False)
+    scores = evaluate(
+        langseg.load(folder), build_dataset(config.val_data.name, config.val_data.kwargs), progress=False
+    )
     assert scores["mIoU"] == pytest.approx(result.metrics["mIoU"], abs=1e-6)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     losses = [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import langseg
+from langseg.data import build_dataset
 from langseg.errors import BadConfigError, BadDataError
 from langseg.models.vlt import THRESHOLD
 from langseg.predict.referrer import Referrer
-from langseg.train import build_dataset, fit, load_config
+from langseg.train import fit, load_config
 from langseg.train.config import CLIP_MEAN, CLIP_STD
 from langseg.train.engine import FitResult
 from langseg.train.transforms import collate, normalize
@@ -123,7 +124,8 @@ def test_saved_model_loads_as_a_referrer_with_the_same_masks(
 ) -> None:
     result, run_dir = trained
     module = result.module.eval()
-    dataset = build_dataset(vlt_config(tmp_path / "d").val_data)
+    val_data = vlt_config(tmp_path / "d").val_data
+    dataset = build_dataset(val_data.name, val_data.kwargs)
     batch = first_batch(module, dataset, count=6)
     probability = module.probability(batch)
     # A few dozen steps leave every probability under 0.35; compare masks at a threshold that cuts.
@@ -143,8 +145,8 @@ def test_saved_model_loads_as_a_referrer_with_the_same_masks(
         assert isinstance(referrer, Referrer)
         for i in range(6):
             image = dataset[i]["image"].permute(1, 2, 0).numpy()
-            got = referrer.refer(image, batch["text"][i], keep_probability=True)
-            assert np.allclose(got.probability, probability[i].numpy(), atol=1e-5)
+            got = referrer.refer(image, batch["text"][i], keep_scores=True)
+            assert np.allclose(got.scores, probability[i].numpy(), atol=1e-5)
             assert np.array_equal(got.mask, expected[i].numpy())
 
 

@@ -15,7 +15,7 @@ from langseg.metrics import ReferringMetrics
 from langseg.models.text_gru import ClipWordEncoder, GRUTextEncoder
 from langseg.models.vlt import VLT, vlt_loss, vlt_tiny
 from langseg.models.vlt_modules import QueryBalance, QueryGeneration, coord_channels, sine_1d, sine_2d
-from langseg.models.vocab import ClipTokenizer, Vocab
+from langseg.predict.tokenizers import ClipTokenizer, Vocab
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -364,7 +364,7 @@ def test_tiny_vlt_overfits_a_handful_of_shapeworld_samples() -> None:
         optimizer.step()
         schedule.step()
     # Evaluate through the predictor: letterbox, sigmoid, threshold 0.35, original size.
-    referrer = Referrer.from_model(model, vocab)
+    referrer = Referrer(model, vocab)
     metrics = ReferringMetrics()
     for sample in samples:
         result = referrer.refer(sample["image"], sample["text"])

@@ -1,4 +1,10 @@
-"""The public entry points: ``load`` (a ready predictor) and ``create_model`` (a bare nn.Module)."""
+"""The public entry points: ``load`` (a ready predictor), ``create_model`` (a bare nn.Module) and
+``list_models``.
+
+Every name goes through the registry (:mod:`langseg.registry`, filled by :mod:`langseg.zoo`), every
+weights file through :func:`langseg.hub.resolve_weights`, and every family's options through its typed
+options dataclass, checked before anything heavy happens.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +15,59 @@ from typing import Any
 import torch
 
 from langseg.errors import BadConfigError, MissingWeightsError
-from langseg.hub import CONFIG_NAME
-from langseg.registry import get_model_entry
+from langseg.hub import CONFIG_NAME, weights_available
+from langseg.registry import ModelEntry, get_family, get_model_entry, model_entries
 
 
-def _import_models() -> None:
-    """Model modules register their names on import; importing here keeps ``import langseg`` light."""
-    import langseg.models  # noqa: F401
+def _zoo() -> None:
+    """Families register their entries on import; importing here keeps ``import langseg`` light."""
+    import langseg.zoo  # noqa: F401
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` that exists on this machine, else a :class:`BadConfigError`."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise BadConfigError(f"unknown device {device!r}", hint="Use cpu, cuda, cuda:1, mps, ...") from err
+    if resolved.type == "cuda" and (
+        not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()
+    ):
+        found = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise BadConfigError(
+            f"device {device!r} is not available: this machine has {found} CUDA device(s)",
+            hint="Use device='cpu' (or a CUDA index below the device count).",
+        )
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise BadConfigError(f"device {device!r} is not available on this machine", hint="Use device='cpu'.")
+    return resolved
+
+
+def _entry_and_weights(model: str | Path, weights: str | Path | None) -> tuple[ModelEntry, Path | None]:
+    """The entry a name or a checkpoint folder means, and the local weights to use (``None``: its own)."""
+    _zoo()
+    path = Path(model)
+    looks_like_path = isinstance(model, Path) or ("/" in model and ":" not in model)
+    if not looks_like_path and not path.exists():
+        return get_model_entry(str(model)), None if weights is None else Path(weights)
+    if not path.exists():
+        raise MissingWeightsError(f"checkpoint not found: {path}", hint="Check the path you passed.")
+    folder = path if path.is_dir() else path.parent
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise MissingWeightsError(
+            f"{config_file} not found next to the checkpoint",
+            hint="Pass a langseg checkpoint folder (model.safetensors + config.json), or a registry name "
+            "with weights=PATH for other files.",
+        )
+    try:
+        config = json.loads(config_file.read_text())
+        name = config["model"]
+    except (KeyError, TypeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadConfigError(f"{config_file} does not name its model ('model' key)") from err
+    if not isinstance(name, str):
+        raise BadConfigError(f"{config_file}: 'model' must be a registry name, got {name!r}")
+    return get_model_entry(name), path if weights is None else Path(weights)
 
 
 def load(
@@ -26,53 +78,42 @@ def load(
     Args:
         model: registry name (``langseg models``), ``family:...`` name (e.g. ``naclip:ViT-L-14/openai``),
             or a checkpoint folder / ``.safetensors`` file whose ``config.json`` names the model.
-        weights: a local weights file or folder to use instead of the published weights.
+        weights: a local weights file or folder to use instead of the entry's own weights.
         device: where the model runs.
-        options: predictor options (test-time plan, templates, ...), passed to the family's loader.
+        options: the family's predictor options (``langseg.zoo.lseg.LSegOptions``,
+            ``langseg.zoo.vlt.VLTOptions``, ``langseg.zoo.dense_clip.DenseClipOptions``); an option the
+            family does not take is a :class:`BadConfigError` naming the ones it does.
     """
-    _import_models()
-    name = str(model)
-    path = Path(model)
-    if path.exists():
-        folder = path if path.is_dir() else path.parent
-        config_file = folder / CONFIG_NAME
-        if not config_file.is_file():
-            raise MissingWeightsError(
-                f"{config_file} not found next to the checkpoint",
-                hint="Pass a langseg checkpoint folder (model.safetensors + config.json), or a registry name "
-                "with weights=PATH for other files.",
-            )
-        try:
-            name = json.loads(config_file.read_text())["model"]
-        except (KeyError, json.JSONDecodeError) as err:
-            raise BadConfigError(f"{config_file} does not name its model ('model' key)") from err
-        weights = path if weights is None else weights
-    entry = get_model_entry(name)
-    if entry.loader is None:
-        raise BadConfigError(
-            f"model {entry.name!r} has no predictor", hint="Use langseg.create_model() for the bare network."
-        )
-    try:
-        return entry.loader(entry, weights=weights, device=device, **options)
-    except TypeError as err:  # an option the family's predictor does not take (e.g. plan= for VLT)
-        if "unexpected keyword argument" not in str(err):
-            raise
-        raise BadConfigError(
-            f"{entry.name} ({entry.family}) does not take that option: {err}",
-            hint="LSeg and dense CLIP take plan/templates; VLT takes threshold and upsample.",
-        ) from err
+    entry, local = _entry_and_weights(model, weights)
+    family = get_family(entry.family)
+    parsed = family.parse_options(options)  # before any weights are read
+    return family.load_predictor(entry, local, _check_device(device), parsed)
 
 
-def create_model(name: str, pretrained: bool = False, **kwargs: Any) -> torch.nn.Module:
-    """The bare network registered as ``name``, with random weights unless ``pretrained``."""
-    _import_models()
+def create_model(
+    name: str, pretrained: bool = False, weights: str | Path | None = None, **kwargs: Any
+) -> torch.nn.Module:
+    """The bare network registered as ``name``: random weights, or with ``pretrained`` the entry's
+    weights (bundled, cached or downloaded), or those of a local ``weights`` file or folder.
+
+    With weights, the network is built with the sizes its checkpoint records (e.g. a vocabulary).
+    """
+    _zoo()
     entry = get_model_entry(name)
-    if not pretrained:
+    if not pretrained and weights is None:
         return entry.builder(**{**entry.kwargs, **kwargs})
-    from langseg.hub import read_checkpoint, resolve_weights
+    local = None if weights is None else Path(weights)
+    return get_family(entry.family).load_network(entry, local, **kwargs)
 
-    # The checkpoint's config.json records the sizes it was trained with (e.g. its vocabulary).
-    state, config = read_checkpoint(resolve_weights(entry.weights, entry.name))
-    module = entry.builder(**{**entry.kwargs, **config.get("kwargs", {}), **kwargs})
-    module.load_state_dict(state)
-    return module
+
+def list_models(task: str | None = None, family: str | None = None, pretrained: bool = False) -> list[str]:
+    """Registered model names, optionally only one task (semantic/referring) or family, or with
+    ``pretrained`` only those whose weights are on this machine now (bundled or cached: no download)."""
+    _zoo()
+    return [
+        entry.name
+        for entry in model_entries()
+        if (task is None or entry.task == task)
+        and (family is None or entry.family == family)
+        and (not pretrained or weights_available(entry.weights, entry.name))
+    ]

@@ -52,18 +52,22 @@ def version() -> None:
 def models(
     task: str | None = typer.Option(None, help="Only models for this task: semantic or referring."),
 ) -> None:
-    """List the registered models."""
-    import langseg.models  # noqa: F401  (registers the models)
+    """List the registered models, where their weights come from and whether they are here now."""
+    import langseg.zoo  # noqa: F401  (registers the models)
+    from langseg.hub import weights_available
     from langseg.registry import model_entries
 
     entries = [e for e in model_entries() if task is None or e.task == task]
     if not entries:
         console.print("No models registered" + (f" for task {task!r}." if task else "."))
         return
-    table = Table("name", "task", "family", "weights", "description")
+    table = Table("name", "task", "family", "weights", "local", "description")
     for e in entries:
-        weights = "-" if e.weights is None else (e.weights.repo or "bundled")
-        table.add_row(e.name, e.task, e.family, weights, e.description)
+        weights = "-" if e.weights is None else (e.weights.repo or e.weights.kind or "-")
+        if e.weights is not None and e.weights.kind == "open_clip":
+            weights = f"open_clip {e.weights.arch}/{e.weights.tag}"
+        local = "yes" if weights_available(e.weights, e.name) else "no"
+        table.add_row(e.name, e.task, e.family, weights, local, e.description)
     console.print(table)
 
 
@@ -113,9 +117,7 @@ def data_shapes(
 @convert_app.command("lseg-official")
 def convert_lseg(
     ckpt: Path = typer.Argument(..., help="Official LSeg Lightning checkpoint, e.g. demo_e200.ckpt."),
-    out_dir: Path = typer.Argument(
-        ..., help="Folder to write model.safetensors, text_encoder.safetensors and config.json."
-    ),
+    out_dir: Path = typer.Argument(..., help="Folder to write model.safetensors and config.json into."),
     variant: str | None = typer.Option(
         None, "--variant", help="lseg-vitl16-384 or lseg-vitb32-384 (default: read from the checkpoint)."
     ),
@@ -129,10 +131,11 @@ def convert_lseg(
     ),
 ) -> None:
     """Convert an official LSeg checkpoint (isl-org/lang-seg) into a folder langseg.load() reads."""
-    from langseg.convert.lseg_official import CONFIG_FILE, convert_lseg_official
+    from langseg.convert.lseg_official import convert_lseg_official
     from langseg.errors import OutputError
+    from langseg.hub import CONFIG_NAME
 
-    if (out_dir / CONFIG_FILE).exists() and not overwrite:
+    if (out_dir / CONFIG_NAME).exists() and not overwrite:
         raise OutputError(
             f"{out_dir} already holds a converted model", hint="Choose another folder, or pass --overwrite."
         )
@@ -229,7 +232,9 @@ def train(
 @app.command("eval")
 def eval_(
     model: str = typer.Argument(..., help="Registered name, or a langseg checkpoint folder."),
-    data: str = typer.Option(..., "--data", help="Dataset name, e.g. shapeworld-semantic, ade20k, refcoco."),
+    data: str = typer.Option(
+        ..., "--data", help="Dataset name, e.g. shapeworld-semantic, ade20k, pascal-5i, refcoco."
+    ),
     root: Path | None = typer.Option(None, "--root", help="Dataset root folder (real benchmarks)."),
     split: str | None = typer.Option(None, "--split", help="Dataset split, e.g. val, testA."),
     data_args: list[str] | None = typer.Option(
@@ -244,17 +249,16 @@ def eval_(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
     out: Path | None = typer.Option(None, "--out", help="Also write the scores as JSON here."),
 ) -> None:
-    """Score a model on a dataset (mIoU/pixAcc, or oIoU/mIoU/Pr@k); shard it with torchrun."""
+    """Score a model on a dataset (mIoU/pixAcc, few-shot mIoU/FB-IoU, oIoU/mIoU/Pr@k); torchrun shards it."""
     import json
     import os
 
     import yaml
 
     import langseg
+    from langseg.data import build_dataset
     from langseg.errors import BadConfigError, OutputError
     from langseg.evaluate import evaluate
-    from langseg.train.config import DataConfig
-    from langseg.train.tasks import build_dataset
 
     kwargs: dict = {}
     for item in data_args or []:
@@ -266,7 +270,7 @@ def eval_(
         kwargs["root"] = str(root)
     if split is not None:
         kwargs["split"] = split
-    dataset = build_dataset(DataConfig(name=data, kwargs=kwargs))
+    dataset = build_dataset(data, kwargs)
     given = {"plan": plan, "upsample": upsample}
     options = {key: value for key, value in given.items() if value is not None}
     predictor = langseg.load(model, weights=weights, device=device, **options)
@@ -276,7 +280,7 @@ def eval_(
     table = Table("metric", "value", title=f"{model} on {data}")
     for key, value in scores.items():
         if "/" not in key:
-            table.add_row(key, f"{value:.4f}")
+            table.add_row(key, f"{value:g}" if key == "classes" else f"{value:.4f}")  # a count
     console.print(table)
     if out is not None:
         try:

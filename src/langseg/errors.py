@@ -36,6 +36,12 @@ class BadImageError(LangsegError, ValueError):
     )
 
 
+class ImageNotSetError(LangsegError, RuntimeError):
+    """A predictor was asked for a result before it was given an image."""
+
+    default_hint = "Pass the image to segment()/refer(), or call set_image(image) first."
+
+
 class BadLabelsError(LangsegError, ValueError):
     """The label set for semantic segmentation is empty, duplicated or too large."""
 
@@ -84,6 +90,7 @@ __all__ = [
     "BadExpressionError",
     "BadImageError",
     "BadLabelsError",
+    "ImageNotSetError",
     "LangsegError",
     "MissingWeightsError",
     "OutputError",

@@ -1,182 +1,225 @@
-"""Evaluate a predictor on a dataset with the papers' metrics, sharded across ``torchrun`` ranks.
+"""What gets scored and how: the evaluators, and the one loop behind ``langseg eval`` and validation.
 
-Semantic models (``Segmenter``) are scored with mIoU / pixAcc through their own test-time plan (single
-scale, or the LSeg paper's multi-scale + flip + sliding window), one image at a time at its original
-size, as the papers evaluate. Referring models (``Referrer``) are scored with overall IoU, mean IoU and
-Prec@0.5-0.9. Few-shot datasets, whose label set changes per sample (``["others", class]``), are scored
-as LSeg's zero-shot protocol does: mIoU over the fold's classes of the foreground IoU, and FB-IoU.
-Under ``torchrun`` each rank takes every ``world_size``-th sample and the metric sums are all-reduced,
-so N processes give exactly the single-process result.
+An *evaluator* has one contract, ``evaluator(predict, batches) -> metric``:
+
+- ``batches``: collated sample dicts (``image`` ``B x 3 x H x W``, ``mask`` ``B x H x W``, and lists
+  ``labels`` / ``text`` / ``meta`` of length ``B``; see :mod:`langseg.data`), this rank's share only;
+- ``predict(batch) -> B x H x W`` tensor: class indices (semantic and few-shot) or bool masks (referring);
+- ``metric``: an un-reduced :class:`~langseg.metrics.SemanticMetrics`, :class:`~langseg.metrics.
+  FewShotMetrics` or :class:`~langseg.metrics.ReferringMetrics` (``update``, ``all_reduce()``,
+  ``compute().as_dict()``).
+
+:func:`run_evaluator` runs one and sums its metric over the ``torch.distributed`` ranks. Two callers:
+
+- :func:`evaluate` (``langseg eval``): a per-image predictor (``Segmenter`` / ``Referrer``) on a raw
+  dataset, one sample at a time at its original size, as the papers evaluate; each ``torchrun`` rank
+  takes every ``world_size``-th sample, so N processes give exactly the single-process scores;
+- :func:`langseg.train.engine.evaluate`: a train module's ``predict`` on DataLoader batches (periodic
+  validation).
+
+Which evaluator a dataset needs (:func:`evaluator_for`): semantic datasets (a ``labels`` attribute) are
+scored with mIoU / pixAcc; few-shot ones, whose samples carry their own ``["others", class]`` labels
+and ``meta["class_id"]`` (PASCAL-5i, COCO-20i, FSS-1000), as LSeg's zero-shot protocol does: mIoU over
+the classes of the foreground IoU, and FB-IoU; referring ones (samples with ``text``) with overall IoU,
+mean IoU and Prec@0.5-0.9.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from rich.progress import Progress
 from torch.utils.data import Dataset
 
+from langseg.distributed import ShardedSampler, init_distributed, shutdown_distributed
 from langseg.errors import BadConfigError, BadDataError
-from langseg.metrics import ReferringMetrics, SemanticMetrics
-from langseg.predict.referrer import Referrer
-from langseg.predict.segmenter import Segmenter
-from langseg.train.distributed import init_distributed, shutdown_distributed
+from langseg.metrics import FewShotMetrics, ReferringMetrics, SemanticMetrics
+
+__all__ = [
+    "Evaluator",
+    "FewShotEvaluator",
+    "Predict",
+    "ReferringEvaluator",
+    "SemanticEvaluator",
+    "evaluate",
+    "evaluator_for",
+    "predict_fn",
+    "run_evaluator",
+]
+
+Batch = dict[str, Any]
+Predict = Callable[[Batch], torch.Tensor]
+
+
+class Metric(Protocol):
+    def all_reduce(self) -> Any: ...
+    def compute(self) -> Any: ...
+
+
+Evaluator = Callable[[Predict, Iterable[Batch]], Metric]
+
+
+class SemanticEvaluator:
+    """Scores ``predict(batch)`` (``B x H x W`` class indices) against ``batch["mask"]`` with
+    :class:`~langseg.metrics.SemanticMetrics` over the ``num_classes`` classes ``class_names``."""
+
+    def __init__(
+        self, num_classes: int, class_names: Sequence[str] | None = None, ignore_index: int = 255
+    ) -> None:
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.class_names = list(class_names) if class_names is not None else None
+
+    def __call__(self, predict: Predict, batches: Iterable[Batch]) -> SemanticMetrics:
+        metrics = SemanticMetrics(self.num_classes, self.ignore_index, self.class_names)
+        for batch in batches:
+            metrics.update(predict(batch), batch["mask"])
+        return metrics
+
+
+class FewShotEvaluator:
+    """Scores ``predict(batch)`` (``B x H x W``, 1 = the sample's class, 0 = others) against
+    ``batch["mask"]`` per ``meta["class_id"]`` with :class:`~langseg.metrics.FewShotMetrics`."""
+
+    def __init__(self, max_classes: int = 1024, ignore_index: int = 255) -> None:
+        self.max_classes, self.ignore_index = max_classes, ignore_index
+
+    def __call__(self, predict: Predict, batches: Iterable[Batch]) -> FewShotMetrics:
+        metrics = FewShotMetrics(self.max_classes, self.ignore_index)
+        for batch in batches:
+            preds = predict(batch)
+            for meta, pred, target in zip(batch["meta"], preds, batch["mask"], strict=True):
+                metrics.update(int(meta["class_id"]), pred, target)
+        return metrics
+
+
+class ReferringEvaluator:
+    """Scores ``predict(batch)`` (``B x H x W`` bool) against ``batch["mask"]`` with
+    :class:`~langseg.metrics.ReferringMetrics`."""
+
+    def __call__(self, predict: Predict, batches: Iterable[Batch]) -> ReferringMetrics:
+        metrics = ReferringMetrics()
+        for batch in batches:
+            metrics.update(predict(batch), batch["mask"])
+        return metrics
+
+
+def run_evaluator(evaluator: Evaluator, predict: Predict, batches: Iterable[Batch]) -> Any:
+    """``evaluator(predict, batches)``, summed over every ``torch.distributed`` rank, then computed.
+
+    Every rank must call this together, each with its own share of the batches (one process: no group
+    needed). Returns the metric's ``compute()`` (e.g. :class:`~langseg.metrics.SemanticScores`), the
+    same on every rank; ``.as_dict()`` gives plain floats.
+    """
+    metric = evaluator(predict, batches)
+    metric.all_reduce()
+    return metric.compute()
+
+
+_KINDS_HINT = (
+    "Evaluate semantic models (segment(): LSeg, dense CLIP) on semantic or few-shot datasets (ade20k, "
+    "pascal-5i, shapeworld-semantic, ...) and referring models (refer(): VLT) on referring ones "
+    "(refcoco, shapeworld-referring, ...)."
+)
+
+
+def evaluator_for(dataset: Dataset) -> SemanticEvaluator | FewShotEvaluator | ReferringEvaluator:
+    """The evaluator ``dataset`` is scored with, judged from its first sample and its ``labels``.
+
+    Raises:
+        BadDataError: the dataset is neither semantic, few-shot nor referring (or is empty and has no
+            ``labels``).
+    """
+    sample = dataset[0] if len(dataset) > 0 else {}  # type: ignore[arg-type]
+    # Text first: a ShapeWorld folder read as referring still has the world's class ``labels``.
+    if "text" in sample:
+        return ReferringEvaluator()
+    if "labels" in sample and "class_id" in sample.get("meta", {}):
+        return FewShotEvaluator()
+    labels = list(getattr(dataset, "labels", None) or [])
+    if labels:
+        return SemanticEvaluator(len(labels), labels)
+    raise BadDataError(
+        f"cannot tell how to score a {type(dataset).__name__}: it has no class labels, its samples "
+        "neither per-sample labels with meta['class_id'] nor text",
+        hint="Use a registered dataset (langseg.data.list_datasets()), or give yours a `labels` attribute "
+        "(semantic), per-sample `labels` and meta['class_id'] (few-shot) or per-sample `text` (referring).",
+    )
 
 
 def _image_array(image: torch.Tensor) -> np.ndarray:
     """``H x W x 3`` uint8 array from a dataset's ``3 x H x W`` uint8 image tensor."""
-    return image.permute(1, 2, 0).contiguous().numpy()
+    return image.permute(1, 2, 0).contiguous().cpu().numpy()
 
 
-def evaluate_segmenter(
-    segmenter: Segmenter,
-    dataset: Dataset,
-    indices: range | list[int],
-    on_sample: Callable[[], None] | None = None,
-) -> SemanticMetrics:
-    """Un-reduced semantic metrics of ``segmenter`` over ``dataset[i]`` for ``i`` in ``indices``.
+def predict_fn(predictor: Any, evaluator: Evaluator) -> Predict:
+    """``predict(batch)`` of a per-image predictor, for the batches ``evaluator`` consumes.
 
-    The label set is the dataset's ``labels`` (class ``k`` of the masks is ``labels[k]``).
+    Semantic: ``predictor.segment(image, labels).mask`` with the evaluator's class names; few-shot: the
+    same with each sample's own ``["others", class]``; referring: ``predictor.refer(image, text).mask``.
+    Images are the datasets' ``uint8`` ones, at their original size; masks come back at that size.
+
+    Raises:
+        BadConfigError: the predictor cannot do what the dataset asks (no ``segment`` / ``refer``).
     """
-    labels = list(getattr(dataset, "labels", []))
-    if not labels:
-        raise BadDataError(
-            "the dataset has no class labels", hint="Evaluate a semantic model on a semantic dataset."
+    # Duck typing, not isinstance: any object with segment()/refer() returning ``.mask`` can be scored.
+    method = "refer" if isinstance(evaluator, ReferringEvaluator) else "segment"
+    if not callable(getattr(predictor, method, None)):
+        kind = "referring" if method == "refer" else "semantic"
+        raise BadConfigError(
+            f"a {type(predictor).__name__} has no {method}() for a {kind} dataset", _KINDS_HINT
         )
-    metrics = SemanticMetrics(len(labels), class_names=labels)
-    for i in indices:
-        sample = dataset[i]
-        result = segmenter.segment(_image_array(sample["image"]), labels)
-        metrics.update(torch.from_numpy(result.mask), sample["mask"])
-        if on_sample:
-            on_sample()
-    return metrics
+    fixed = evaluator.class_names if isinstance(evaluator, SemanticEvaluator) else None
+
+    def predict(batch: Batch) -> torch.Tensor:
+        masks = []
+        for b, image in enumerate(batch["image"]):
+            if method == "refer":
+                result = predictor.refer(_image_array(image), batch["text"][b])
+            else:
+                result = predictor.segment(_image_array(image), fixed or batch["labels"][b])
+            masks.append(torch.from_numpy(np.asarray(result.mask)))
+        return torch.stack(masks)
+
+    return predict
 
 
-def evaluate_fewshot(
-    segmenter: Segmenter,
-    dataset: Dataset,
-    indices: range | list[int],
-    on_sample: Callable[[], None] | None = None,
-) -> FewShotMetrics:
-    """Un-reduced few-shot metrics over samples whose labels change per sample (PASCAL-5i, COCO-20i,
-    FSS-1000: ``labels = ["others", class name]``, binary masks, ``meta["class_id"]``)."""
-    metrics = FewShotMetrics()
-    for i in indices:
-        sample = dataset[i]
-        result = segmenter.segment(_image_array(sample["image"]), sample["labels"])
-        metrics.update(int(sample["meta"]["class_id"]), torch.from_numpy(result.mask), sample["mask"])
-        if on_sample:
-            on_sample()
-    return metrics
-
-
-class FewShotMetrics:
-    """LSeg/HSNet few-shot scores, streaming and all-reducible like :mod:`langseg.metrics`.
-
-    One two-class confusion matrix per class id (0 = others, 1 = the class), so that
-
-    - ``mIoU`` is the mean over classes of the *foreground* IoU, each accumulated over all of that
-      class's samples (sum of intersections / sum of unions), as LSeg and HSNet report it;
-    - ``FB-IoU`` is the mean of background and foreground IoU over all samples together.
-    """
-
-    def __init__(self, max_classes: int = 1024) -> None:
-        # 2 * max_classes can exceed 255, so ignored pixels are marked -1 inside this metric.
-        self.per_class = SemanticMetrics(2 * max_classes, ignore_index=-1)
-        self.max_classes = max_classes
-
-    def update(self, class_id: int, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """``pred`` and ``target``: ``H x W`` 0/1 (target may hold 255 = ignore) for class ``class_id``."""
-        if not 0 <= class_id < self.max_classes:
-            raise BadDataError(f"class id {class_id} outside 0..{self.max_classes - 1}")
-        offset = 2 * class_id  # class c's confusion lives in rows/cols 2c (others) and 2c + 1 (class)
-        shifted = torch.where(target == 255, -1, target.long() + offset)
-        self.per_class.update(pred.long() + offset, shifted)
-
-    def all_reduce(self) -> FewShotMetrics:
-        self.per_class.all_reduce()
-        return self
-
-    def compute(self) -> FewShotScores:
-        confusion = self.per_class.confusion.double()
-        fg_ious, totals = [], torch.zeros(2, 2, dtype=torch.float64)
-        for c in range(self.max_classes):
-            block = confusion[2 * c : 2 * c + 2, 2 * c : 2 * c + 2]
-            if block.sum() == 0:
-                continue
-            totals += block
-            fg_ious.append(_iou(block, 1))
-        return FewShotScores(
-            miou=float(torch.tensor(fg_ious).nanmean()) if fg_ious else math.nan,
-            fb_iou=float(torch.tensor([_iou(totals, 0), _iou(totals, 1)]).nanmean()),
-            classes=len(fg_ious),
-        )
-
-
-def _iou(confusion: torch.Tensor, k: int) -> float:
-    union = confusion[k, :].sum() + confusion[:, k].sum() - confusion[k, k]
-    return float(confusion[k, k] / union) if union > 0 else math.nan
-
-
-@dataclass(frozen=True)
-class FewShotScores:
-    miou: float
-    fb_iou: float
-    classes: int
-
-    def as_dict(self) -> dict[str, float]:
-        return {"mIoU": self.miou, "FB-IoU": self.fb_iou, "classes": float(self.classes)}
-
-
-def evaluate_referrer(
-    referrer: Referrer,
-    dataset: Dataset,
-    indices: range | list[int],
-    on_sample: Callable[[], None] | None = None,
-) -> ReferringMetrics:
-    """Un-reduced referring metrics of ``referrer`` over ``dataset[i]`` for ``i`` in ``indices``."""
-    metrics = ReferringMetrics()
-    for i in indices:
-        sample = dataset[i]
-        result = referrer.refer(_image_array(sample["image"]), sample["text"])
-        metrics.update(torch.from_numpy(result.mask), sample["mask"])
-        if on_sample:
-            on_sample()
-    return metrics
+def _one_sample_batch(sample: dict[str, Any]) -> Batch:
+    """A batch of one: ``image`` ``1 x 3 x H x W``, ``mask`` ``1 x H x W``, other keys one-item lists."""
+    return {k: v.unsqueeze(0) if isinstance(v, torch.Tensor) else [v] for k, v in sample.items()}
 
 
 def evaluate(
-    predictor: Segmenter | Referrer, dataset: Dataset, limit: int | None = None, progress: bool = True
+    predictor: Any, dataset: Dataset, limit: int | None = None, progress: bool = True
 ) -> dict[str, Any]:
-    """Scores of ``predictor`` on ``dataset`` (the first ``limit`` samples), over every ``torchrun`` rank.
+    """Scores of ``predictor`` (a ``Segmenter`` or ``Referrer``) on ``dataset`` (its first ``limit``
+    samples), over every ``torchrun`` rank.
 
-    Returns ``as_dict()`` of the metrics (plain floats) on every rank.
+    Returns ``compute().as_dict()`` of the metric (plain floats), the same on every rank.
+
+    Raises:
+        BadDataError: the dataset is of no kind :func:`evaluator_for` knows.
+        BadConfigError: the predictor does not fit the dataset (a referring model on semantic data...).
     """
+    evaluator = evaluator_for(dataset)
+    predict = predict_fn(predictor, evaluator)
     info = init_distributed("cpu")
     try:
         count = len(dataset) if limit is None else min(limit, len(dataset))  # type: ignore[arg-type]
-        indices = range(info.rank, count, info.world_size)
+        shard = ShardedSampler(count, info.rank, info.world_size, shuffle=False, even=False)
         with Progress(disable=not (progress and info.is_main), transient=True) as bar:
-            task = bar.add_task("evaluating", total=len(indices))
+            task = bar.add_task("evaluating", total=len(shard))
 
-            def tick() -> None:
-                bar.advance(task)
+            def batches() -> Iterator[Batch]:
+                for i in shard:
+                    yield _one_sample_batch(dataset[i])
+                    bar.advance(task)
 
-            if isinstance(predictor, Segmenter):
-                metrics: SemanticMetrics | ReferringMetrics = evaluate_segmenter(
-                    predictor, dataset, indices, tick
-                )
-            elif isinstance(predictor, Referrer):
-                metrics = evaluate_referrer(predictor, dataset, indices, tick)
-            else:
-                raise BadConfigError(f"cannot evaluate a {type(predictor).__name__}")
-        metrics.all_reduce()
-        return metrics.compute().as_dict()
-    finally:
-        shutdown_distributed(info)
+            scores = run_evaluator(evaluator, predict, batches())
+    except BaseException:
+        shutdown_distributed(info, barrier=False)  # the other ranks will not reach a barrier now
+        raise
+    shutdown_distributed(info)
+    return scores.as_dict()

@@ -1,4 +1,8 @@
-"""Weights: an explicit path, else the local cache, else a hub download; safetensors + config.json.
+"""Weights: the one path to every model's weights, and the one checkpoint layout (safetensors + config).
+
+:func:`resolve_weights` turns a registry entry's :class:`~langseg.registry.WeightsSpec` (or a local
+path) into a local file: bundled package data, langseg's cache and Hugging Face downloads, or open_clip's
+pretrained catalogue and its cache. :func:`weights_available` says whether that needs a download.
 
 langseg checkpoints are a folder (or a ``.safetensors`` file with a ``config.json`` beside it) holding
 ``model.safetensors`` and ``config.json`` (``{"model": registry name, "kwargs": {...}, ...}``). Foreign
@@ -11,11 +15,14 @@ and short timeouts), never a hang.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import socket
 import threading
+from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -24,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from langseg.errors import BadDataError, MissingWeightsError, OutputError
+from langseg.errors import BadDataError, MissingWeightsError, OutputError, UnknownModelError
 from langseg.registry import WeightsSpec
 
 CONFIG_NAME = "config.json"
@@ -43,10 +50,21 @@ def cache_dir() -> Path:
     return base / "langseg"
 
 
-def resolve_weights(spec: WeightsSpec | None, name: str, path: str | Path | None = None) -> Path:
-    """The local file for ``name``'s weights: ``path`` if given, else the cache, else a download."""
+def resolve_weights(
+    spec: WeightsSpec | None,
+    name: str,
+    path: str | Path | None = None,
+    open_clip_cache_dir: str | Path | None = None,
+) -> Path:
+    """The local file (or folder) of ``name``'s weights; the one path every family's weights take.
+
+    In order: ``path`` if given (a file or a checkpoint folder), else by ``spec.kind``: the package's
+    bundled copy (sha256-checked), langseg's cache then a hub download (``hub``), open_clip's cache then
+    its download (``open_clip``; ``open_clip_cache_dir`` replaces its cache), or a
+    :class:`MissingWeightsError` saying how to convert (``convert``).
+    """
     if path is not None:
-        local = Path(path)
+        local = Path(path).expanduser()
         if not local.exists():
             raise MissingWeightsError(f"checkpoint not found: {local}", hint="Check the path you passed.")
         return local
@@ -56,12 +74,29 @@ def resolve_weights(spec: WeightsSpec | None, name: str, path: str | Path | None
             hint="Train it (`langseg train`) or pass a checkpoint path; create_model(..., pretrained=False) "
             "gives random weights.",
         )
-    if spec.repo is None:
+    if spec.kind == "bundled":
         return bundled_weights(spec, name)
+    if spec.kind == "open_clip":
+        assert spec.arch is not None and spec.tag is not None
+        return Path(open_clip_checkpoint(spec.arch, spec.tag, open_clip_cache_dir))
+    if spec.kind == "convert":
+        raise MissingWeightsError(f"{name!r} has no published langseg weights yet", hint=spec.hint)
     cached = cache_dir() / name / spec.filename
     if cached.is_file():
         return cached
     return _download(spec, name, cached)
+
+
+def weights_available(spec: WeightsSpec | None, name: str) -> bool:
+    """Whether ``name``'s weights are on this machine now (bundled or cached), without any download."""
+    if spec is None or spec.kind == "convert":
+        return False
+    if spec.kind == "bundled":
+        return (BUNDLED_DIR / name / spec.filename).is_file()
+    if spec.kind == "open_clip":
+        assert spec.arch is not None and spec.tag is not None
+        return _open_clip_cached(spec.arch, spec.tag) is not None
+    return (cache_dir() / name / spec.filename).is_file()
 
 
 def bundled_weights(spec: WeightsSpec, name: str) -> Path:
@@ -153,19 +188,35 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(module: torch.nn.Module, out_dir: str | Path, config: dict[str, Any]) -> Path:
-    """Write ``module``'s weights as ``out_dir/model.safetensors`` and ``config`` as ``config.json``."""
+def save_checkpoint(
+    weights: torch.nn.Module | Mapping[str, torch.Tensor], out_dir: str | Path, config: dict[str, Any]
+) -> Path:
+    """Write a langseg checkpoint: ``out_dir/model.safetensors`` and ``out_dir/config.json``.
+
+    The one writer of the one layout, used by conversion, ``langseg export`` and training. ``weights``
+    is a module (its ``state_dict()``) or a state dict. Each file is written under a temporary name and
+    renamed into place, weights first, so an interrupted write never leaves a half file, and a folder's
+    ``config.json`` never describes weights that are not there yet.
+    """
     out = Path(out_dir)
+    state = weights.state_dict() if isinstance(weights, torch.nn.Module) else dict(weights)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    temporary = [out / f".{WEIGHTS_NAME}.{os.getpid()}.tmp", out / f".{CONFIG_NAME}.{os.getpid()}.tmp"]
     try:
         out.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-        save_file(_untie(state), str(out / WEIGHTS_NAME))
-        (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_file(_untie(state), str(temporary[0]), metadata={"format": "pt"})
+        temporary[1].write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         # safetensors creates the file owner-only (0600); give it the mode config.json got from the
         # umask, so a model folder shared with others (or packaged) is readable by them.
-        (out / WEIGHTS_NAME).chmod((out / CONFIG_NAME).stat().st_mode & 0o777)
+        temporary[0].chmod(temporary[1].stat().st_mode & 0o777)
+        os.replace(temporary[0], out / WEIGHTS_NAME)
+        os.replace(temporary[1], out / CONFIG_NAME)
     except OSError as err:
         raise OutputError(f"cannot write a checkpoint to {out}: {err.strerror or err}") from err
+    finally:
+        for path in temporary:
+            with contextlib.suppress(OSError):  # e.g. out_dir could not be created
+                path.unlink(missing_ok=True)
     return out
 
 
@@ -212,3 +263,99 @@ def torch_load_safely(path: str | Path) -> Any:
             hint="Only tensors and plain containers are read (weights_only=True); re-save the checkpoint's "
             "state_dict, or convert it with `langseg convert`.",
         ) from err
+
+
+# --------------------------------------------------------------------------------- open_clip weights
+
+
+def open_clip_cache(cache_dir: str | Path | None = None) -> Path:
+    """Where open_clip keeps hub downloads: ``cache_dir``, else ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``,
+    else huggingface_hub's default (``~/.cache/huggingface/hub``). Read at call time, not import time."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def open_clip_pretrained_cfg(arch: str, tag: str) -> dict[str, Any]:
+    """open_clip's pretrained config of ``arch``/``tag``; :class:`UnknownModelError` listing the tags."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        raise UnknownModelError(
+            f"open_clip has no pretrained tag {tag!r} for {arch}", hint=open_clip_tags_hint(arch)
+        )
+    return cfg
+
+
+def open_clip_tags_hint(arch: str) -> str:
+    import open_clip
+
+    tags = ", ".join(open_clip.list_pretrained_tags_by_model(arch)) or "none"
+    return f"open_clip's tags for {arch}: {tags}. Or pass weights=PATH (a local open_clip checkpoint)."
+
+
+def _open_clip_files(arch: str, tag: str) -> tuple[str, list[str]]:
+    """(Hugging Face repo, candidate file names in preference order) of open_clip's ``arch``/``tag``."""
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    repo, filename = os.path.split(open_clip_pretrained_cfg(arch, tag).get("hf_hub", ""))
+    filename = filename or HF_WEIGHTS_NAME  # "org/name/" names open_clip's default file
+    # open_clip prefers a .safetensors twin of the file when the repo has one; so does the cache lookup.
+    safe = (
+        HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else filename.rsplit(".", 1)[0] + ".safetensors"
+    )
+    return repo, [safe, filename]
+
+
+def _open_clip_cached(arch: str, tag: str, cache_dir: str | Path | None = None) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, names = _open_clip_files(arch, tag)
+    if not repo:
+        return None
+    for name in names:
+        found = try_to_load_from_cache(repo, name, cache_dir=str(open_clip_cache(cache_dir)))
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def open_clip_checkpoint(arch: str, tag: str, cache_dir: str | Path | None = None) -> str:
+    """Local file of open_clip's ``arch``/``tag`` weights: from the cache, else downloaded by open_clip.
+
+    Raises:
+        MissingWeightsError: not cached and offline (``HF_HUB_OFFLINE``), unreachable, or failed download.
+    """
+    from open_clip.pretrained import download_pretrained, download_pretrained_from_hf
+
+    found = _open_clip_cached(arch, tag, cache_dir)
+    if found is not None:
+        return found
+    cache = open_clip_cache(cache_dir)
+    repo, names = _open_clip_files(arch, tag)
+    if repo:
+        wanted = f"{names[1]} (or its .safetensors) from the Hugging Face repo {repo}"
+        fetch = partial(download_pretrained_from_hf, repo, filename=names[1], cache_dir=str(cache))
+    else:
+        wanted = f"the open_clip weights {arch}/{tag}"
+        fetch = partial(download_pretrained, open_clip_pretrained_cfg(arch, tag), cache_dir=str(cache))
+    hint = (
+        f"The cache is {cache} (set HF_HUB_CACHE or pass cache_dir= to move it); run once with a network to "
+        "fill it, or pass a local open_clip checkpoint (.bin, .pt or .safetensors): "
+        "langseg.load(name, weights=PATH) or `langseg segment ... --weights PATH`."
+    )
+    if hub_offline():
+        raise MissingWeightsError(f"{wanted} is not in the cache and HF_HUB_OFFLINE is set", hint=hint)
+    if not hub_reachable():
+        raise MissingWeightsError(f"{wanted} is not in the cache and the hub cannot be reached", hint=hint)
+    try:
+        return str(fetch())
+    except Exception as err:  # any network, auth or hub failure ends the same way for the user
+        raise MissingWeightsError(f"cannot download {wanted} ({type(err).__name__})", hint=hint) from err

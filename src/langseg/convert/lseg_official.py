@@ -25,7 +25,6 @@ inert stand-ins for the duration of one load, so neither Lightning nor any of it
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import pickle
@@ -34,13 +33,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from langseg.errors import BadConfigError, BadDataError, MissingWeightsError, OutputError
+from langseg.errors import BadConfigError, BadDataError, MissingWeightsError
+from langseg.hub import save_checkpoint
 from langseg.models.lseg import LSEG_CONFIGS, OFFICIAL_LOGIT_SCALE, TEXT_ENCODER_CONFIGS, LSegNet
 from langseg.models.text import ClipTextEncoder
-
-NET_FILE, TEXT_FILE, CONFIG_FILE = "model.safetensors", "text_encoder.safetensors", "config.json"
 
 _BACKBONE_VARIANTS = {"clip_vitl16_384": "lseg-vitl16-384", "clip_vitb32_384": "lseg-vitb32-384"}
 # (width, patch) of net.pretrained.model.patch_embed.proj.weight -> variant, when hparams are absent.
@@ -148,13 +145,12 @@ class ConvertedLSeg(NamedTuple):
     net_state: dict[str, torch.Tensor]
     text_state: dict[str, torch.Tensor]
 
-
-class LSegBundle(NamedTuple):
-    """A loaded LSeg: the network, the text encoder whose space it was trained in, and its config."""
-
-    net: LSegNet
-    text_encoder: ClipTextEncoder
-    config: dict[str, Any]
+    def lseg_state(self) -> dict[str, torch.Tensor]:
+        """One state dict with :class:`~langseg.models.lseg.LSeg`'s keys (``net.*``, ``text_encoder.*``)."""
+        return {
+            **{f"net.{k}": v for k, v in self.net_state.items()},
+            **{f"text_encoder.{k}": v for k, v in self.text_state.items()},
+        }
 
 
 def read_official_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -316,8 +312,7 @@ def official_to_langseg(
         "family": "lseg",
         "variant": variant,
         "kwargs": kwargs,
-        "weights": NET_FILE,
-        "text_encoder": {"kwargs": text_kwargs, "weights": TEXT_FILE},
+        "text_encoder": {"kwargs": text_kwargs},
         "source": {"converter": "lseg_official", "dropped_keys": len(dropped)},
     }
     return ConvertedLSeg(config, out["net"], out["text"])
@@ -352,75 +347,14 @@ def convert_lseg_official(
 ) -> Path:
     """Convert an official LSeg ``.ckpt`` into ``out_dir`` and return that folder.
 
-    Writes ``model.safetensors`` (``LSegNet`` weights), ``text_encoder.safetensors`` (the CLIP text
-    tower, ``ClipTextEncoder`` keys) and ``config.json`` (variant, builder kwargs, text encoder kwargs).
+    Writes langseg's one checkpoint layout (:func:`langseg.hub.save_checkpoint`): ``model.safetensors``
+    holding the network (keys ``net.*``) and the CLIP text tower (``text_encoder.*``), as
+    :class:`~langseg.models.lseg.LSeg` names them, and ``config.json`` (variant, builder kwargs, text
+    encoder kwargs).
     """
     state, hyper = read_official_checkpoint(ckpt_path)
     converted = official_to_langseg(
         state, hyper, variant, arch_option=arch_option, block_depth=block_depth, activation=activation
     )
     converted.config["source"]["checkpoint"] = Path(ckpt_path).name
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        for name, tensors in ((NET_FILE, converted.net_state), (TEXT_FILE, converted.text_state)):
-            tmp = out / f".{name}.tmp"  # write then rename, so a crash never leaves a half file
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-            os.replace(tmp, out / name)
-        (out / CONFIG_FILE).write_text(json.dumps(converted.config, indent=2) + "\n")
-    except OSError as error:
-        raise OutputError(f"cannot write the converted model to {out}: {error}") from error
-    return out
-
-
-def _build(
-    config: dict[str, Any], net_state: dict[str, torch.Tensor], text_state: dict[str, torch.Tensor]
-) -> LSegBundle:
-    net = LSegNet(**config["kwargs"])
-    text_encoder = ClipTextEncoder(**config["text_encoder"]["kwargs"])
-    for module, tensors, what in ((net, net_state, "model"), (text_encoder, text_state, "text encoder")):
-        try:
-            module.load_state_dict(tensors, strict=True)
-        except RuntimeError as error:  # torch lists missing/unexpected keys and shape mismatches
-            raise BadDataError(f"{what} weights do not match the config: {error}") from error
-    return LSegBundle(net, text_encoder, config)
-
-
-def load_lseg(
-    path: str | os.PathLike[str],
-    variant: str | None = None,
-    *,
-    arch_option: int | None = None,
-    block_depth: int | None = None,
-    activation: str | None = None,
-) -> LSegBundle:
-    """Load an LSeg from a converted folder (or its ``model.safetensors``) or an official ``.ckpt``.
-
-    ``variant``, ``arch_option``, ``block_depth`` and ``activation`` only apply to official checkpoints
-    (see :func:`official_to_langseg`). Returns ``(net, text_encoder, config)``; modules stay in training
-    mode (call ``.eval()`` for inference).
-    """
-    path = Path(path)
-    if path.is_file() and path.suffix == ".safetensors":
-        path = path.parent
-    if path.is_dir():
-        config_path = path / CONFIG_FILE
-        if not config_path.is_file():
-            raise MissingWeightsError(f"{path} has no {CONFIG_FILE}", hint="Convert the checkpoint first.")
-        try:
-            config = json.loads(config_path.read_text())
-            net_state = load_file(str(path / config["weights"]))
-            text_state = load_file(str(path / config["text_encoder"]["weights"]))
-        except (KeyError, json.JSONDecodeError) as error:
-            raise BadDataError(f"{config_path} is not a langseg LSeg config: {error}") from error
-        except FileNotFoundError as error:
-            raise MissingWeightsError(f"weights file missing in {path}: {error}") from error
-        if config.get("family") != "lseg":
-            raise BadDataError(f"{path} holds a {config.get('family')!r} model, not LSeg")
-        return _build(config, net_state, text_state)
-    state, hyper = read_official_checkpoint(path)
-    converted = official_to_langseg(
-        state, hyper, variant, arch_option=arch_option, block_depth=block_depth, activation=activation
-    )
-    del state  # the official dict can be >1 GB; keep only the converted copy
-    return _build(converted.config, converted.net_state, converted.text_state)
+    return save_checkpoint(converted.lseg_state(), out_dir, converted.config)

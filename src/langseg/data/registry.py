@@ -1,25 +1,128 @@
-"""Registers the benchmark datasets with :mod:`langseg.train.tasks` so configs and ``langseg eval --data
-NAME --root DIR`` can build them by name: ``build_dataset(DataConfig(name, kwargs={"root", "split"}))``.
+"""Datasets by name: what a training config's ``data:`` and ``langseg eval --data NAME`` build.
 
-Imported at the bottom of :mod:`langseg.train.tasks` (after ``register_dataset`` exists), so that
-importing either module first works and :mod:`langseg.data` itself never imports the training code.
+::
+
+    from langseg.data import build_dataset, list_datasets
+    val = build_dataset("ade20k", {"root": "/data/ADEChallengeData2016", "split": "val"})
+
+A *builder* is any callable ``builder(**kwargs) -> Dataset`` registered with :func:`register_dataset`; its
+keyword arguments are the dataset's settings (``data.kwargs`` in a recipe, ``--root``/``--split``/
+``--data-arg`` on the command line). Built in: the synthetic ``shapeworld-semantic``,
+``shapeworld-referring`` and ``shapeworld-folder``, and the benchmarks of :data:`BENCHMARKS`.
+
+Datasets come without augmentation; the training engine adds it. This module imports nothing of
+:mod:`langseg.train`, so that evaluation and data loading do not pull in the training code.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
 from langseg.data.fewshot_datasets import FSS1000, COCO20i, PASCAL5i
 from langseg.data.refcoco import RefCOCO
 from langseg.data.semantic_datasets import ADE20K, VOC2012, COCOStuff, PascalContext
-from langseg.train.tasks import register_dataset
+from langseg.data.shapes import ShapeWorldConfig
+from langseg.data.shapes_datasets import ShapeWorldFolder, ShapeWorldReferring, ShapeWorldSemantic
+from langseg.errors import BadConfigError
 
-__all__ = ["BENCHMARKS"]
+__all__ = ["BENCHMARKS", "DatasetBuilder", "build_dataset", "list_datasets", "register_dataset"]
 
+DatasetBuilder = Callable[..., Dataset]
 Root = str | os.PathLike
+
+_DATASETS: dict[str, DatasetBuilder] = {}
+
+
+def register_dataset(name: str, builder: DatasetBuilder, *, overwrite: bool = False) -> DatasetBuilder:
+    """Register ``builder(**kwargs) -> Dataset`` under ``name`` (returns it, so it works at import).
+
+    Raises:
+        ValueError: ``name`` is taken by another builder and ``overwrite`` is false (a programming
+            error, not a user's).
+    """
+    if name in _DATASETS and _DATASETS[name] is not builder and not overwrite:
+        raise ValueError(f"dataset {name!r} is already registered")
+    _DATASETS[name] = builder
+    return builder
+
+
+def list_datasets() -> list[str]:
+    """The registered dataset names, sorted."""
+    return sorted(_DATASETS)
+
+
+def build_dataset(name: str, kwargs: Mapping[str, Any] | None = None) -> Dataset:
+    """The dataset registered as ``name``, built with the keyword arguments ``kwargs``.
+
+    Raises:
+        BadConfigError: unknown name, unknown keyword (the hint lists the valid ones), or a keyword of
+            the wrong type (a ``TypeError`` inside the builder).
+    """
+    if name not in _DATASETS:
+        raise BadConfigError(
+            f"unknown dataset {name!r}", hint=f"Registered datasets: {', '.join(list_datasets())}."
+        )
+    kwargs = dict(kwargs or {})
+    builder = _DATASETS[name]
+    params = inspect.signature(builder).parameters
+    # Builders that take **world settings check their own keywords (with a more specific hint).
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = [k for k in kwargs if k not in params]
+        if unknown:
+            raise BadConfigError(
+                f"unknown keyword {unknown[0]!r} for dataset {name!r}",
+                hint=f"Valid data.kwargs (--data-arg KEY=VALUE) for {name}: {', '.join(params)}.",
+            )
+    try:
+        return builder(**kwargs)
+    except TypeError as err:  # a wrongly typed keyword reaching the dataset
+        raise BadConfigError(f"bad data.kwargs / --data-arg for dataset {name!r}: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------- ShapeWorld
+
+_WORLD_FIELDS = [f.name for f in dataclasses.fields(ShapeWorldConfig)]
+
+
+def _world_config(kwargs: dict[str, Any]) -> ShapeWorldConfig:
+    unknown = [k for k in kwargs if k not in _WORLD_FIELDS]
+    if unknown:
+        raise BadConfigError(
+            f"unknown ShapeWorld setting {unknown[0]!r} in data.kwargs",
+            hint=f"Valid: num_scenes, seed and the ShapeWorldConfig fields {', '.join(_WORLD_FIELDS)}.",
+        )
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # YAML lists
+    if "exclude_pairs" in kwargs:
+        kwargs["exclude_pairs"] = tuple(tuple(pair) for pair in kwargs["exclude_pairs"])
+    return ShapeWorldConfig(**kwargs)
+
+
+def _shapeworld_semantic(
+    num_scenes: int = 200, seed: int = 0, granularity: str = "colour_shape", **world: Any
+) -> Dataset:
+    return ShapeWorldSemantic(num_scenes, seed, _world_config(world), granularity)  # type: ignore[arg-type]
+
+
+def _shapeworld_referring(num_scenes: int = 200, seed: int = 0, per_object: int = 3, **world: Any) -> Dataset:
+    return ShapeWorldReferring(num_scenes, seed, _world_config(world), per_object)
+
+
+def _shapeworld_folder(root: str, task: str = "semantic") -> Dataset:
+    return ShapeWorldFolder(root, task)
+
+
+register_dataset("shapeworld-semantic", _shapeworld_semantic)
+register_dataset("shapeworld-referring", _shapeworld_referring)
+register_dataset("shapeworld-folder", _shapeworld_folder)
+
+
+# --------------------------------------------------------------------------------------------- benchmarks
 
 
 def _context59(root: Root, split: str = "val") -> Dataset:
@@ -52,8 +155,8 @@ def _refcocog(
     return RefCOCO(root, split, "refcocog", split_by, image_root, text_field)  # type: ignore[arg-type]
 
 
-# name -> builder; the classes are registered directly, so data.kwargs are their keyword arguments.
-BENCHMARKS = {
+# name -> builder; the classes are registered directly, so their keyword arguments are the settings.
+BENCHMARKS: dict[str, DatasetBuilder] = {
     "ade20k": ADE20K,
     "voc2012": VOC2012,
     "pascal-context-59": _context59,

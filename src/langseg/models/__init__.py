@@ -1,19 +1,12 @@
-"""Networks: plain ``nn.Module``s on tensors. Importing this package registers every known model.
+"""Networks: plain ``nn.Module``s that take and return tensors.
 
-Each module below registers its builders on import; to add a family, add its module name to
-``_MODEL_MODULES``. A name whose module is not in the tree yet is skipped, any other import error
-propagates.
+Nothing here touches files, images, tokenisers or the registry, and nothing here imports any other part
+of langseg than :mod:`langseg.errors` (``tests/test_architecture.py`` checks it). Modules:
+
+- ``lseg`` (LSegNet, LSeg), ``dpt``, ``backbones`` (timm ViT tower), ``text`` (open_clip text tower);
+- ``dense_clip`` (training-free dense CLIP, DenseCLIPModel), ``pamr`` (PAMR refinement);
+- ``vlt``, ``vlt_modules``, ``text_gru`` (VLT and its word encoders).
+
+The registry entries that name these networks, their weights and their predictors live in
+:mod:`langseg.zoo`.
 """
-
-from __future__ import annotations
-
-import importlib
-
-_MODEL_MODULES: tuple[str, ...] = ("lseg", "vlt", "dense_clip_zoo")
-
-for _name in _MODEL_MODULES:
-    try:
-        importlib.import_module(f"{__name__}.{_name}")
-    except ModuleNotFoundError as error:  # only "this module does not exist yet", never a broken import
-        if error.name != f"{__name__}.{_name}":
-            raise

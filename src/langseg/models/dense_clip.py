@@ -114,6 +114,32 @@ def dense_logits(
     return torch.einsum("bdhw,kd->bkhw", patches, texts) * logit_scale
 
 
+def encode_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """``K x L`` token ids -> ``K x D`` text embeddings, equal to ``model.encode_text(tokens)``.
+
+    For a plain open_clip ``CLIP`` (causal mask, pooled at the end-of-text token) only the positions up to
+    the last end-of-text token are run: under a causal mask later (padding) positions cannot reach the
+    pooled one, so the result is the same while short prompts cost far less (80 templates: 12 positions
+    instead of 77, 7x faster on a CPU).
+    """
+    exact_cut = (
+        hasattr(model, "token_embedding")
+        and getattr(model, "attn_mask", None) is not None
+        and getattr(model, "text_pool_type", None) == "argmax"
+    )
+    if not exact_cut:
+        return model.encode_text(tokens)
+    eot = tokens.argmax(dim=-1)  # the end-of-text id is the largest in CLIP's vocabulary
+    length = int(eot.max()) + 1
+    tokens = tokens[:, :length]
+    cast = model.transformer.get_cast_dtype()
+    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
+    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+    x = x[torch.arange(x.shape[0], device=x.device), eot]
+    projection = model.text_projection
+    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+
+
 class DenseCLIP(nn.Module):
     """Dense patch embeddings from an open_clip ViT with a training-free last block (see module doc).
 
@@ -281,6 +307,46 @@ class DenseCLIP(nn.Module):
         if self.last_block.mlp:
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
         return x
+
+
+class DenseCLIPModel(nn.Module):
+    """A whole open_clip CLIP as a dense image-text model: what a Segmenter runs in a dense CLIP mode.
+
+    Args:
+        clip: an open_clip ``CLIP`` (image and text towers), shared, never copied or modified.
+        mode, sigma: the last-block mode of :class:`DenseCLIP`.
+        logit_scale: multiplier of the cosine similarities (the papers use 40 to 50, not CLIP's 100).
+    """
+
+    def __init__(
+        self, clip: nn.Module, mode: str = "naclip", logit_scale: float = 40.0, sigma: float = 5.0
+    ) -> None:
+        super().__init__()
+        if not logit_scale > 0:
+            raise BadConfigError(f"logit_scale must be positive, got {logit_scale}")
+        self.clip = clip
+        self.dense = DenseCLIP(clip, mode, sigma=sigma)
+        self.logit_scale = float(logit_scale)
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return self.dense.patch_size
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x H x W`` normalised images -> ``B x D x H/p x W/p`` patch embeddings (weights' dtype)."""
+        return self.dense(images.to(self.dense.visual.conv1.weight.dtype))
+
+    def dense_logits(self, features: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings and ``K x D`` text embeddings -> ``B x K x h x w`` scaled cosine similarities."""
+        return dense_logits(features, text_embeddings, self.logit_scale)
+
+    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """``K x L`` open_clip token ids -> ``K x D`` text embeddings (see :func:`encode_tokens`)."""
+        return encode_tokens(self.clip, token_ids.to(self.dense.visual.conv1.weight.device))
+
+    def forward(self, images: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x H x W`` images and ``K x L`` tokens -> ``B x K x h x w`` logits."""
+        return self.dense_logits(self.encode_image(images), self.encode_text(token_ids))
 
 
 def _remember(cache: dict, key: tuple, value: object, limit: int = 8) -> None:

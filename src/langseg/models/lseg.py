@@ -6,29 +6,24 @@ regularisation blocks, then upsampled x2 to the input size.
 
 The network takes label *embeddings*, not text: encode the labels once with a text encoder (for LSeg,
 the frozen CLIP ViT-B/32 text tower, :class:`langseg.models.text.ClipTextEncoder`) and reuse them.
-Importing this module registers ``lseg-vitl16-384``, ``lseg-vitb32-384`` and ``lseg-tiny``; their
-registry loader (:func:`load_lseg_segmenter`, used by :func:`langseg.load`) wraps the network in a
-:class:`langseg.predict.Segmenter`.
+:class:`LSeg` holds both towers: it is what a :class:`~langseg.predict.Segmenter` runs and what a
+langseg LSeg checkpoint stores (keys ``net.*`` and ``text_encoder.*``). The registry entries and the
+predictor wiring live in :mod:`langseg.zoo.lseg`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from langseg.errors import BadConfigError, BadLabelsError, MissingWeightsError
+from langseg.errors import BadConfigError, BadLabelsError
 from langseg.models.backbones import TimmViTTower
 from langseg.models.dpt import DPTDecoder, DPTReassemble
-from langseg.registry import ModelEntry, register_model
-
-if TYPE_CHECKING:  # the predictor layer is imported lazily: building a network needs none of it
-    from langseg.models.text import ClipTextEncoder
-    from langseg.predict import InferencePlan, Segmenter
+from langseg.models.text import ClipTextEncoder
 
 # The official network multiplies by exp(log(1/0.07)) = 1/0.07, a constant it never trains.
 OFFICIAL_LOGIT_SCALE = 1 / 0.07
@@ -236,176 +231,32 @@ def lseg_tiny(**kwargs: Any) -> LSegNet:
     return LSegNet(**{**LSEG_CONFIGS["lseg-tiny"], **kwargs})
 
 
-# --- predictor --------------------------------------------------------------------------------------
-# Kept beside the builders so that each registry entry carries its loader; everything on the predictor
-# side (tokenizer, Segmenter, plans, checkpoint files) is imported inside the functions.
+class LSeg(nn.Module):
+    """An LSeg network and the text tower whose embedding space it was trained in.
 
-# What the official code feeds CLIP: the raw label text (lseg_net.py: clip.tokenize(labelset)), with
-# ViT-B/32's tokenizer, and images normalised with mean = std = 0.5 (lseg_module.py, lseg_app.py).
-LSEG_TOKENIZER = "ViT-B-32"
-LSEG_MEAN = LSEG_STD = (0.5, 0.5, 0.5)
-PLAN_NAMES = ("single", "paper", "native")
-
-
-def lseg_plan(name: str) -> InferencePlan:
-    """A named test-time plan.
-
-    - ``"single"``: the long side resized to 480 (the training crop), one pass, no flip.
-    - ``"native"``: the image as it is (padded to the patch size), one pass: for models trained at
-      another resolution, such as the ShapeWorld recipe (96 pixels); exported models record it.
-    - ``"paper"``: the official evaluation (additional_utils/models.py, test_lseg.py): the long side
-      resized to ``s * 520`` for ``s`` in 0.5 ... 1.75, 480 windows every ``int(480 * 2/3) = 320`` pixels,
-      plus the horizontal flip.
-    """
-    from langseg.predict.tta import PAPER_SCALES, InferencePlan
-
-    if name == "single":
-        return InferencePlan(base_size=480)
-    if name == "native":
-        return InferencePlan()
-    if name == "paper":
-        return InferencePlan(crop=480, stride=320, scales=PAPER_SCALES, base_size=520, flip=True)
-    raise BadConfigError(f"unknown LSeg plan {name!r}", hint=f"Use one of {PLAN_NAMES} or an InferencePlan.")
-
-
-class LSegCallables:
-    """The three model callables a :class:`~langseg.predict.Segmenter` needs, over one loaded LSeg.
-
-    Reach it from a predictor as ``segmenter.encode_image.__self__`` (``.net``, ``.text_encoder``).
+    Args:
+        net: the pixel encoder (any dtype, e.g. bfloat16 weights for speed on CPU).
+        text_encoder: the text tower (:class:`~langseg.models.text.ClipTextEncoder`).
     """
 
-    def __init__(self, net: LSegNet, text_encoder: ClipTextEncoder, tokenizer: Callable[..., Any]) -> None:
-        self.net, self.text_encoder, self.tokenizer = net, text_encoder, tokenizer
-        self.dtype = next(net.parameters()).dtype
+    def __init__(self, net: LSegNet, text_encoder: ClipTextEncoder) -> None:
+        super().__init__()
+        self.net, self.text_encoder = net, text_encoder
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """``B x 3 x H x W`` float32 normalised images -> ``B x D x H/2 x W/2`` pixel embeddings."""
-        return self.net.encode_image(images.to(self.dtype))  # bf16 weights take bf16 inputs
+        """``B x 3 x H x W`` normalised images (any float dtype) -> ``B x D x H/2 x W/2`` pixel embeddings,
+        in the network's dtype (bf16 weights take bf16 inputs)."""
+        return self.net.encode_image(images.to(self.net.logit_scale.dtype))
 
-    def dense_logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def dense_logits(self, features: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
         """Pixel embeddings and ``K x D`` label embeddings -> ``B x K x H x W`` logits."""
-        return self.net.classify(features, text)
+        return self.net.classify(features, text_embeddings)
 
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """``K`` label texts -> ``K x D`` embeddings (the raw text, as the official code feeds CLIP)."""
-        tokens = self.tokenizer(prompts).to(next(self.text_encoder.parameters()).device)
-        return self.text_encoder.encode(tokens)
+    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """``K x L`` token ids (the text tower's tokenizer) -> ``K x D`` label embeddings."""
+        device = self.text_encoder.text.positional_embedding.device
+        return self.text_encoder.encode(token_ids.to(device))
 
-
-def lseg_segmenter(
-    net: LSegNet,
-    text_encoder: ClipTextEncoder,
-    device: str | torch.device = "cpu",
-    *,
-    plan: str | InferencePlan = "single",
-    dtype: torch.dtype | str = torch.float32,
-    **segmenter_options: Any,
-) -> Segmenter:
-    """Wrap an LSeg network and its text encoder in a :class:`~langseg.predict.Segmenter`.
-
-    Args:
-        net, text_encoder: the model (moved to ``device``, set to eval mode).
-        device: where the model runs.
-        plan: ``"single"`` (default), ``"paper"`` (see :func:`lseg_plan`) or an ``InferencePlan``.
-        dtype: weight dtype of the image network, e.g. ``torch.bfloat16`` (inputs are cast to it; logits
-            come back float32). The text tower stays float32: it runs once per label set, and in bf16 on
-            CPU it was 2.5x slower (its batched matmuls copy their operands).
-        segmenter_options: ``max_labels``, ``text_cache_size``, ``feature_cache_bytes``, ``preprocess``.
-    """
-    import open_clip
-
-    from langseg.predict import Preprocess, Segmenter
-
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)  # type: ignore[assignment]
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise BadConfigError(f"dtype must be a float dtype such as torch.bfloat16, got {dtype!r}")
-    plan = lseg_plan(plan) if isinstance(plan, str) else plan
-    net = net.to(device=device, dtype=dtype).eval()
-    text_encoder = text_encoder.to(device=device, dtype=torch.float32).eval()
-    # The tokenizer pads to the text tower's own context (77 for CLIP; small towers trained on
-    # ShapeWorld use fewer positions).
-    tokenizer = open_clip.get_tokenizer(LSEG_TOKENIZER, context_length=text_encoder.context_length)
-    parts = LSegCallables(net, text_encoder, tokenizer)
-    # Pad to the patch size (odd token grids are fine). When the plan resizes to a base size, shrink big
-    # photos with PIL's antialiasing to the plan's largest side first, before its own bilinear resizing.
-    largest = 2048 if plan.base_size is None else max(1, round(max(plan.scales) * plan.base_size))
-    segmenter_options.setdefault(
-        "preprocess",
-        Preprocess(max_side=largest, pad_multiple=net.encoder.patch_size[0], mean=LSEG_MEAN, std=LSEG_STD),
-    )
-    return Segmenter(
-        parts.encode_image,
-        parts.dense_logits,
-        parts.encode_text,
-        plan=plan,
-        device=device,
-        **segmenter_options,
-    )
-
-
-def load_lseg_segmenter(
-    entry: ModelEntry,
-    weights: Any = None,
-    device: str | torch.device = "cpu",
-    *,
-    arch_option: int | None = None,
-    block_depth: int | None = None,
-    activation: str | None = None,
-    **options: Any,
-) -> Segmenter:
-    """The registry loader of the LSeg entries (``langseg.load``): a ready ``Segmenter``.
-
-    Args:
-        entry: the registry entry (its name is the variant).
-        weights: a converted folder (or its ``model.safetensors``) or an official ``.ckpt``.
-        device: where the model runs.
-        arch_option, block_depth, activation: official spatial-regularisation options (official ckpt only).
-        options: ``plan``, ``dtype`` and Segmenter options, see :func:`lseg_segmenter`.
-    """
-    from langseg.convert.lseg_official import load_lseg
-
-    if weights is None:
-        raise MissingWeightsError(
-            f"{entry.name!r} has no published langseg weights yet",
-            hint="Convert the official checkpoint once (`langseg convert lseg-official demo_e200.ckpt "
-            "lseg-vitl16/`, see docs/lseg.md), then langseg.load('lseg-vitl16/'); or pass "
-            f"langseg.load({entry.name!r}, weights='path/to/official.ckpt').",
-        )
-    net, text_encoder, config = load_lseg(
-        weights, variant=entry.name, arch_option=arch_option, block_depth=block_depth, activation=activation
-    )
-    if config.get("variant") != entry.name:
-        raise BadConfigError(
-            f"{weights} holds {config.get('variant')!r}, not {entry.name!r}",
-            hint=f"Load it as langseg.load({str(weights)!r}) (its config.json names the model).",
-        )
-    # A model trained by langseg records the plan it suits (e.g. its training resolution).
-    options.setdefault("plan", config.get("predict", {}).get("plan", "single"))
-    return lseg_segmenter(net, text_encoder, device, **options)
-
-
-def _register() -> None:
-    entries = [
-        (
-            "lseg-vitl16-384",
-            lseg_vitl16_384,
-            "LSeg, ViT-L/16 DPT image encoder, CLIP ViT-B/32 labels (paper)",
-        ),
-        ("lseg-vitb32-384", lseg_vitb32_384, "LSeg, ViT-B/32 DPT image encoder, CLIP ViT-B/32 labels"),
-        ("lseg-tiny", lseg_tiny, "LSeg architecture at toy size, random weights (tests)"),
-    ]
-    for name, builder, description in entries:
-        register_model(
-            ModelEntry(
-                name=name,
-                family="lseg",
-                task="semantic",
-                builder=builder,
-                description=description,
-                loader=load_lseg_segmenter,
-            )
-        )
-
-
-_register()
+    def forward(self, images: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """``B x 3 x H x W`` images and ``K x L`` label tokens -> ``B x K x H x W`` logits."""
+        return self.dense_logits(self.encode_image(images), self.encode_text(token_ids))

@@ -121,7 +121,7 @@ class ClipWordEncoder(nn.Module):
 
     Token features are ``ln_final`` outputs passed through the tower's text projection, so words and
     sentence share CLIP's embedding width ``D``; the sentence is CLIP's own pooled (end-of-text) token.
-    Tokenise with :class:`langseg.models.vocab.ClipTokenizer` (id 0 = padding).
+    Tokenise with :class:`langseg.predict.tokenizers.ClipTokenizer` (id 0 = padding).
     """
 
     def __init__(

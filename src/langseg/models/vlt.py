@@ -13,14 +13,13 @@ letterboxes any image to that size. Ablation switches (paper Tables 1-3): ``quer
 encoding; ``learnt``: input-independent ``nn.Embedding`` queries), ``num_queries``, ``qbm`` and
 ``decoder="conv"`` (convolutions instead of QGM + transformer + QBM; query settings then unused).
 
-Importing this module registers ``vlt-darknet53`` (paper), ``vlt-swinb``, ``vlt-tiny`` (tests) and
-``vlt-shapes`` (trained on ShapeWorld-Ref; its weights ship with the package).
+Builders: ``vlt_darknet53`` (paper), ``vlt_swinb``, ``vlt_tiny`` (tests) and ``vlt_shapes`` (the
+ShapeWorld-Ref recipe). Their registry entries, weights and predictor wiring live in :mod:`langseg.zoo.vlt`.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,18 +40,10 @@ from langseg.models.vlt_modules import (
     VLTransformer,
     conv_bn_leaky,
 )
-from langseg.registry import ModelEntry, WeightsSpec, register_model
 
 THRESHOLD = 0.35  # official `segment_thresh` on the sigmoid probability
 QUERY_SOURCES = ("qgm", "text", "learnt")
 DECODERS = ("transformer", "conv")
-# Weights that ship inside the package (langseg/weights/<name>/), checked by digest when loaded.
-BUNDLED: dict[str, WeightsSpec] = {
-    "vlt-shapes": WeightsSpec(
-        None, "model.safetensors", sha256="ec56cbfe72af4bc4f9b116e68e1f117b5330d0c522947fdf449d21213b8b7a54"
-    ),
-}
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # The paper's text side: 300-d word vectors (official: spaCy en_vectors_web_lg) into a 1024-wide bi-GRU;
 # the vocabulary size is the trained checkpoint's (config.json overrides this placeholder).
 PAPER_TEXT: dict[str, Any] = {"kind": "gru", "vocab_size": 10000, "word_dim": 300, "hidden_dim": 1024}
@@ -312,14 +303,6 @@ VLT_CONFIGS["vlt-shapes"] = {
     "out_stride": 2,
     "concat_lower_feat": True,
 }
-# Pixel normalisation per variant (the predictor's business, recorded in checkpoints): the official
-# Darknet sees RGB in [0, 1]; timm's ImageNet backbones their usual statistics.
-VLT_PREPROCESS: dict[str, dict[str, Any]] = {
-    "vlt-darknet53": {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)},
-    "vlt-swinb": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
-    "vlt-tiny": {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)},
-    # vlt-shapes: none here; its bundled config.json records the recipe's (CLIP) statistics.
-}
 
 
 def vlt_darknet53(**kwargs: Any) -> VLT:
@@ -340,83 +323,3 @@ def vlt_tiny(**kwargs: Any) -> VLT:
 def vlt_shapes(**kwargs: Any) -> VLT:
     """The ``vlt-shapes`` network (``configs/vlt_shapes.yaml``): QGM, 16 queries, QBM, 64 x 64 input."""
     return VLT(**{**VLT_CONFIGS["vlt-shapes"], **kwargs})
-
-
-def save_vlt(
-    model: VLT, tokenizer: Any, out_dir: str | Path, name: str, preprocess: dict[str, Any] | None = None
-) -> Path:
-    """Write a checkpoint :func:`langseg.load` reads back as a Referrer.
-
-    ``config.json`` records the registry ``name``, the network's arguments, the tokenizer (the whole
-    vocabulary) and the pixel normalisation.
-    """
-    from langseg.hub import save_checkpoint
-
-    config = {
-        "model": name,
-        "kwargs": model.config,
-        "tokenizer": tokenizer.to_config(),
-        "preprocess": dict(preprocess or VLT_PREPROCESS.get(name, {})),
-    }
-    return save_checkpoint(model, out_dir, config)
-
-
-def load_vlt(
-    entry: ModelEntry, weights: str | Path | None = None, device: str | torch.device = "cpu", **options: Any
-) -> Any:
-    """The registry loader: a :class:`~langseg.predict.referrer.Referrer` with weights and tokenizer."""
-    from langseg.hub import read_checkpoint, resolve_weights
-    from langseg.models.vocab import Vocab, tokenizer_from_config
-    from langseg.predict.referrer import Letterbox, Referrer
-
-    state, config = read_checkpoint(resolve_weights(entry.weights, entry.name, weights))
-    if "tokenizer" not in config:
-        raise BadDataError(
-            "the checkpoint's config.json records no tokenizer",
-            hint="Save VLT checkpoints with langseg.models.vlt.save_vlt (it stores the vocabulary).",
-        )
-    model = entry.builder(**{**entry.kwargs, **config.get("kwargs", {})})
-    tokenizer = tokenizer_from_config(config["tokenizer"])
-    embed = getattr(model.text, "embed", None)
-    if isinstance(tokenizer, Vocab) and embed is not None and len(tokenizer) > embed.num_embeddings:
-        raise BadDataError(
-            f"the vocabulary has {len(tokenizer)} ids but the model embeds {embed.num_embeddings}",
-            hint="Save the checkpoint with the vocabulary it was trained with (save_vlt).",
-        )
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # a tensor of the wrong shape
-        raise BadDataError(f"the checkpoint does not fit {entry.name}: {str(err)[:300]}") from err
-    if missing or unexpected:
-        raise BadDataError(
-            f"the checkpoint does not fit {entry.name} ({len(missing)} missing, {len(unexpected)} unexpected "
-            f"tensors, e.g. {(missing or unexpected)[:3]})",
-            hint="Load it with the registry name it was saved under.",
-        )
-    pre = {**VLT_PREPROCESS.get(entry.name, {}), **config.get("preprocess", {})}
-    letterbox = Letterbox(mean=tuple(pre.get("mean", (0.0,) * 3)), std=tuple(pre.get("std", (1.0,) * 3)))
-    return Referrer.from_model(model, tokenizer, letterbox=letterbox, device=device, **options)
-
-
-def _register() -> None:
-    entries = [
-        ("vlt-darknet53", vlt_darknet53, "VLT, Darknet-53 backbone, bi-GRU words, 416 input (paper)"),
-        ("vlt-swinb", vlt_swinb, "VLT, Swin-B/12 384 backbone, bi-GRU words"),
-        ("vlt-tiny", vlt_tiny, "VLT architecture at toy size, random weights (tests)"),
-        ("vlt-shapes", vlt_shapes, "VLT trained on ShapeWorld-Ref, 64 x 64 (weights ship with langseg)"),
-    ]
-    for name, builder, description in entries:
-        register_model(
-            ModelEntry(
-                name=name,
-                family="vlt",
-                task="referring",
-                builder=builder,
-                description=description,
-                weights=BUNDLED.get(name),
-                loader=load_vlt,
-            )
-        )
-
-
-_register()

@@ -20,6 +20,14 @@ from langseg.errors import BadImageError
 
 ImageInput = Any  # str | Path | PIL.Image.Image | np.ndarray | torch.Tensor
 
+# Pixel normalisation constants (of RGB in [0, 1]), written once for predictors and training.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF_MEAN = HALF_STD = (0.5, 0.5, 0.5)  # LSeg: x / 255 * 2 - 1
+UNIT_MEAN, UNIT_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # no normalisation (VLT's Darknet)
+
 
 def load_image(source: ImageInput) -> np.ndarray:
     """``H x W x 3`` uint8 RGB array from a path, PIL image, array or tensor (see module docstring)."""

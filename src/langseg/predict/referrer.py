@@ -10,7 +10,7 @@ probabilities instead (``upsample="probability"``); a network trained with its l
 instead swells every mask by a fraction of an output cell, which on vlt-shapes (output stride 2, objects
 a few pixels across) cost 14 points of held-out mean IoU (0.712 against 0.854, docs/vlt.md).
 
-The model side is two callables, as for the :class:`~langseg.predict.segmenter.Segmenter`:
+The model is an ``nn.Module`` (:class:`~langseg.models.vlt.VLT`) with an ``input_size`` ``S`` and:
 
 - ``encode_image(images: 1 x 3 x S x S) -> features`` (any object; cached per image), and
 - ``decode(features, token_ids: B x L, token_mask: B x L) -> B x 1 x h x w`` logits.
@@ -26,21 +26,22 @@ sentence in another language), the model still runs, because a mask is still its
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
+from torch import nn
 
-from langseg.errors import BadConfigError, BadExpressionError, BadImageError
-from langseg.models.vocab import STOP_WORDS, Tokenizer, split_words
-from langseg.predict.images import ImageInput, load_image
+from langseg.errors import BadConfigError, BadExpressionError
+from langseg.models.vlt import THRESHOLD
+from langseg.predict.base import Predictor
+from langseg.predict.images import UNIT_MEAN, UNIT_STD, ImageInput
+from langseg.predict.letterbox import PAD_VALUE, Placement, crop_to_image, letterbox
 from langseg.predict.results import ReferringResult
+from langseg.predict.tokenizers import STOP_WORDS, Tokenizer, split_words
 
-THRESHOLD = 0.35  # official `segment_thresh`
 UPSAMPLE = ("logits", "probability")
 
 
@@ -50,45 +51,34 @@ class ExpressionWarning(UserWarning):
 
 @dataclass(frozen=True)
 class Letterbox:
-    """How an image becomes the model's square input.
+    """How an image becomes the model's square input (see :mod:`langseg.predict.letterbox`).
 
     Attributes:
         mean, std: normalisation of RGB in [0, 1] (VLT's Darknet: none, i.e. 0 and 1).
         pad_value: grey level of the padding, in [0, 1] before normalisation (official 0.5).
     """
 
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    pad_value: float = 0.5
+    mean: tuple[float, float, float] = UNIT_MEAN
+    std: tuple[float, float, float] = UNIT_STD
+    pad_value: float = PAD_VALUE
 
 
-@dataclass(frozen=True)
-class Placement:
-    """Where the resized image sits in the ``size x size`` input: ``(dx, dy)`` offset, ``nw x nh`` size."""
-
-    size: int
-    width: int
-    height: int
-    nw: int
-    nh: int
-    dx: int
-    dy: int
-
-    @classmethod
-    def fit(cls, width: int, height: int, size: int) -> Placement:
-        """Official: ``scale = min(S/w, S/h)``, ``nw = int(w * scale)``, centred with floor offsets."""
-        scale = min(size / width, size / height)
-        nw, nh = max(1, int(width * scale)), max(1, int(height * scale))
-        return cls(size, width, height, nw, nh, (size - nw) // 2, (size - nh) // 2)
+def foreground_probability(logits: torch.Tensor, place: Placement, upsample: str = "logits") -> torch.Tensor:
+    """``B x h x w`` output-grid logits -> ``B x H x W`` foreground probability at the original image
+    size, resizing the logits (``upsample="logits"``) or their sigmoid (``"probability"``, official)."""
+    if upsample not in UPSAMPLE:
+        raise BadConfigError(f"unknown upsample {upsample!r}", hint=f"Use one of {UPSAMPLE}.")
+    values = logits if upsample == "logits" else torch.sigmoid(logits)
+    out = crop_to_image(values[:, None], place)[:, 0]
+    return torch.sigmoid(out) if upsample == "logits" else out.clamp(0.0, 1.0)
 
 
-class Referrer:
+class Referrer(Predictor):
     """Segment the object an expression refers to.
 
     Args:
-        encode_image, decode: the model (see module docstring).
-        tokenizer: turns expressions into ids (:class:`langseg.models.vocab.Vocab` for VLT's GRU).
-        input_size: the model's square input side ``S``.
+        model: the network (see module docstring).
+        tokenizer: turns expressions into ids (:class:`langseg.predict.tokenizers.Vocab` for VLT's GRU).
         letterbox: normalisation and padding.
         device: where the model runs.
         threshold: foreground when the sigmoid probability exceeds it (official 0.35).
@@ -97,64 +87,45 @@ class Referrer:
 
     def __init__(
         self,
-        encode_image: Callable[[torch.Tensor], Any],
-        decode: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor],
+        model: nn.Module,
         tokenizer: Tokenizer,
-        input_size: int,
+        *,
         letterbox: Letterbox | None = None,
         device: str | torch.device = "cpu",
         threshold: float = THRESHOLD,
         upsample: str = "logits",
     ) -> None:
         if not 0.0 < threshold < 1.0:
-            raise BadExpressionError(f"threshold must be in (0, 1), got {threshold}", hint="VLT uses 0.35.")
+            raise BadConfigError(f"threshold must be in (0, 1), got {threshold}", hint="VLT uses 0.35.")
         if upsample not in UPSAMPLE:
             raise BadConfigError(f"unknown upsample {upsample!r}", hint=f"Use one of {UPSAMPLE}.")
-        self.upsample = upsample
-        self.encode_image, self.decode, self.tokenizer = encode_image, decode, tokenizer
-        self.input_size = int(input_size)
+        super().__init__(model, device)
+        self.tokenizer, self.upsample, self.threshold = tokenizer, upsample, threshold
+        self.input_size = int(model.input_size)
         self.letterbox = letterbox or Letterbox()
-        self.device = torch.device(device)
-        self.threshold = threshold
-        self._image: np.ndarray | None = None
         self._input: torch.Tensor | None = None
         self._placement: Placement | None = None
-        self._features: Any = None
+        self._features: object = None
         self.image_encodings = 0  # encode_image calls, for tests and benchmarks
-
-    @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer: Tokenizer, **kwargs: Any) -> Referrer:
-        """A Referrer over a network with encode_image, decode and input_size (VLT); sets eval mode."""
-        device = torch.device(kwargs.get("device", "cpu"))
-        model = model.to(device).eval()
-        return cls(model.encode_image, model.decode, tokenizer, model.input_size, **kwargs)
 
     # ------------------------------------------------------------------ image side
 
-    def set_image(self, image: ImageInput) -> None:
-        """Load and letterbox ``image``; later :meth:`refer` calls without an image reuse its features."""
-        self._image = load_image(image)
-        height, width = self._image.shape[:2]
-        self._placement = Placement.fit(width, height, self.input_size)
-        self._input = self._prepare(self._image, self._placement)
+    def _prepare(self, image: np.ndarray) -> None:
+        """``1 x 3 x S x S`` normalised input: the image resized (bicubic, as official) and centred."""
+        box = self.letterbox
+        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None]
+        canvas, self._placement = letterbox(pixels.float() / 255.0, self.input_size, box.pad_value)
+        mean = torch.tensor(box.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(box.std, device=self.device).view(1, 3, 1, 1)
+        self._input = (canvas - mean) / std
         self._features = None
 
-    def _prepare(self, image: np.ndarray, place: Placement) -> torch.Tensor:
-        """``1 x 3 x S x S`` normalised input: the image resized (bicubic, as official) and centred."""
-        resized = np.array(Image.fromarray(image).resize((place.nw, place.nh), Image.BICUBIC))
-        box = self.letterbox
-        canvas = torch.full((3, place.size, place.size), box.pad_value, device=self.device)
-        pixels = (
-            torch.from_numpy(np.ascontiguousarray(resized)).to(self.device).permute(2, 0, 1).float() / 255.0
-        )
-        canvas[:, place.dy : place.dy + place.nh, place.dx : place.dx + place.nw] = pixels
-        mean = torch.tensor(box.mean, device=self.device).view(3, 1, 1)
-        std = torch.tensor(box.std, device=self.device).view(3, 1, 1)
-        return ((canvas - mean) / std)[None]
+    def _forget(self) -> None:
+        self._input, self._placement, self._features = None, None, None
 
-    def _image_features(self) -> Any:
+    def _image_features(self) -> object:
         if self._features is None:
-            self._features = self.encode_image(self._input)
+            self._features = self.model.encode_image(self._input)
             self.image_encodings += 1
         return self._features
 
@@ -195,7 +166,7 @@ class Referrer:
     # ------------------------------------------------------------------ referring
 
     def refer(
-        self, image: ImageInput | str | None = None, text: str | None = None, keep_probability: bool = False
+        self, image: ImageInput | str | None = None, text: str | None = None, keep_scores: bool = False
     ) -> ReferringResult:
         """Mask of the object ``text`` refers to in ``image`` (or in the image given to :meth:`set_image`).
 
@@ -206,15 +177,15 @@ class Referrer:
             :class:`ReferringResult` at the original size: ``mask`` (probability > threshold) and
             ``score``, the mean foreground probability over the mask (how sure the model is of the pixels
             it chose; the maximum probability when the mask is empty, which is then below the threshold).
-            ``probability`` (``H x W`` float32) only with ``keep_probability``.
+            ``scores`` (``H x W`` float32 foreground probability) only with ``keep_scores``.
         """
         if text is None and isinstance(image, str):
             image, text = None, image
-        return self.refer_all(image, [text], keep_probability=keep_probability)[0]  # type: ignore[list-item]
+        return self.refer_all(image, [text], keep_scores=keep_scores)[0]  # type: ignore[list-item]
 
     @torch.inference_mode()
     def refer_all(
-        self, image: ImageInput | None, texts: Sequence[str], keep_probability: bool = False
+        self, image: ImageInput | None, texts: Sequence[str], keep_scores: bool = False
     ) -> list[ReferringResult]:
         """One result per expression in ``texts``, decoded in one batch over one image encoding."""
         if isinstance(texts, str) or len(texts) == 0:
@@ -222,11 +193,11 @@ class Referrer:
         checked = [self.check_expression(t) for t in texts]
         if image is not None:
             self.set_image(image)
-        if self._input is None or self._image is None or self._placement is None:
-            raise BadImageError("no image to segment", hint="Pass an image, or call set_image() first.")
+        original = self._require_image()
+        assert self._placement is not None
         ids, mask = self.tokenizer.encode_batch(checked)
-        logits = self.decode(self._image_features(), ids.to(self.device), mask.to(self.device))
-        probabilities = self._to_image(logits.float()[:, 0], self._placement, self.upsample)
+        logits = self.model.decode(self._image_features(), ids.to(self.device), mask.to(self.device))
+        probabilities = foreground_probability(logits.float()[:, 0], self._placement, self.upsample)
         results = []
         for text, prob in zip(checked, probabilities, strict=True):
             fg = prob > self.threshold
@@ -236,19 +207,8 @@ class Referrer:
                     mask=fg.cpu().numpy(),
                     score=float(score),
                     text=text,
-                    image=self._image,
-                    probability=prob.cpu().numpy() if keep_probability else None,
+                    image=original,
+                    scores=prob.cpu().numpy() if keep_scores else None,
                 )
             )
         return results
-
-    @staticmethod
-    def _to_image(logits: torch.Tensor, place: Placement, upsample: str = "logits") -> torch.Tensor:
-        """``B x h x w`` output-grid logits -> ``B x H x W`` foreground probability at the original image
-        size, resizing the logits (``upsample="logits"``) or their sigmoid (``"probability"``)."""
-        values = logits if upsample == "logits" else torch.sigmoid(logits)
-        full = F.interpolate(values[:, None], size=(place.size,) * 2, mode="bilinear", align_corners=False)
-        crop = full[..., place.dy : place.dy + place.nh, place.dx : place.dx + place.nw]
-        out = F.interpolate(crop, size=(place.height, place.width), mode="bilinear", align_corners=False)
-        out = out[:, 0]
-        return torch.sigmoid(out) if upsample == "logits" else out.clamp(0.0, 1.0)

@@ -5,12 +5,17 @@ working resolution, normalising, the test-time plan (windows, scales, flips), th
 aliases, caching label embeddings per label set), caching image features across calls with different
 labels, and mapping the result back to the original size.
 
-The model side is two callables, so LSeg and the training-free dense CLIP modes share this class:
+The model is an ``nn.Module`` with three methods, so LSeg (:class:`~langseg.models.lseg.LSeg`) and the
+training-free dense CLIP modes (:class:`~langseg.models.dense_clip.DenseCLIPModel`) share this class:
 
-- ``encode_image(images: B x 3 x h x w) -> features`` (any tensor, e.g. ``B x D x h' x w'``), and
-- ``dense_logits(features, text_embeddings: K x D) -> B x K x h'' x w''``;
+- ``encode_image(images: B x 3 x h x w) -> features`` (any tensor, e.g. ``B x D x h' x w'``),
+- ``dense_logits(features, text_embeddings: K x D) -> B x K x h'' x w''``, and
+- ``encode_text(token_ids: P x L) -> P x D``.
 
-plus ``encode_text(prompts: list[str]) -> P x D`` for the text tower (tokeniser and templates inside).
+The predictor owns the text side around ``encode_text``: each label goes into every prompt template,
+is tokenised, encoded, and the label's embedding is the mean of the L2-normalised template embeddings,
+renormalised (CLIP's prompt ensembling; one template ``"{}"``, LSeg's, is the plain normalised
+embedding of the raw label).
 
 Labels may carry aliases separated by ``;`` ("person; man; woman"): each alias is encoded and the label's
 logit is the maximum over its aliases. With ``background_threshold``, pixels whose top probability is
@@ -27,15 +32,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
-from langseg.errors import BadLabelsError
-from langseg.predict.images import ImageInput, load_image
+from langseg.errors import BadConfigError, BadLabelsError
+from langseg.predict.base import Predictor
+from langseg.predict.images import CLIP_MEAN, CLIP_STD, ImageInput
 from langseg.predict.results import SegmentationResult
 from langseg.predict.tta import InferencePlan, run_plan, upsample_argmax
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BACKGROUND_NAMES = ("background", "other")
+Tokenize = Callable[[list[str]], torch.Tensor]
+
+
+def check_templates(templates: Sequence[str]) -> tuple[str, ...]:
+    """``templates`` as a tuple, each holding exactly one ``{}``; raises :class:`BadConfigError`."""
+    if isinstance(templates, str) or not templates:
+        raise BadConfigError(
+            "templates must be a non-empty list of strings", hint='e.g. templates=["a photo of a {}."]'
+        )
+    for template in templates:
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise BadConfigError(
+                f"template {template!r} must contain '{{}}' exactly once", hint="'{}' marks the label."
+            )
+    return tuple(templates)
 
 
 @dataclass(frozen=True)
@@ -96,11 +116,13 @@ def parse_labels(labels: Sequence[str], max_labels: int) -> tuple[list[str], lis
     return names, aliases
 
 
-class Segmenter:
+class Segmenter(Predictor):
     """Segment images with labels chosen at call time.
 
     Args:
-        encode_image, dense_logits, encode_text: the model (see module docstring).
+        model: the dense image-text network (see module docstring).
+        tokenizer: ``list[str] -> P x L`` token ids for ``model.encode_text`` (an open_clip tokenizer).
+        templates: prompt templates, each with one ``{}`` for the label (default: the bare label).
         plan: test-time plan at the working resolution.
         preprocess: resizing, padding and normalisation.
         device: where the model runs.
@@ -110,13 +132,15 @@ class Segmenter:
         refine: optional ``refine(logits: 1 x K x h x w, image: 1 x 3 x h x w) -> 1 x K x h x w`` applied
             to the plan's logits at the working resolution, with the normalised working image, before
             the upsampling to the original size (e.g. :class:`langseg.models.pamr.PAMR`).
+        text_batch_size: prompts per ``encode_text`` call (bounds memory for hundreds of labels).
     """
 
     def __init__(
         self,
-        encode_image: Callable[[torch.Tensor], torch.Tensor],
-        dense_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-        encode_text: Callable[[list[str]], torch.Tensor],
+        model: nn.Module,
+        tokenizer: Tokenize,
+        *,
+        templates: Sequence[str] = ("{}",),
         plan: InferencePlan | None = None,
         preprocess: Preprocess | None = None,
         device: str | torch.device = "cpu",
@@ -124,30 +148,36 @@ class Segmenter:
         text_cache_size: int = 16,
         feature_cache_bytes: int = 1 << 30,
         refine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        text_batch_size: int = 256,
     ) -> None:
-        self.encode_image, self.dense_logits, self.encode_text = encode_image, dense_logits, encode_text
+        super().__init__(model, device)
+        self.tokenizer, self.templates = tokenizer, check_templates(templates)
         self.plan = plan or InferencePlan()
         self.preprocess = preprocess or Preprocess()
-        self.device = torch.device(device)
-        self.max_labels = max_labels
+        self.max_labels, self.text_batch_size = max_labels, text_batch_size
         self.text_cache_size, self.feature_cache_bytes = text_cache_size, feature_cache_bytes
         self.refine = refine
         self._text_cache: OrderedDict[tuple[tuple[str, ...], ...], _LabelSet] = OrderedDict()
-        self._image: np.ndarray | None = None
         self._input: torch.Tensor | None = None
         self._features: list[torch.Tensor] = []  # per model call of the plan, for the current image
-        self.text_encodings = 0  # encode_text calls, for tests and benchmarks
+        self.text_encodings = 0  # label sets encoded, for tests and benchmarks
         self.image_encodings = 0  # encode_image calls
 
     # ------------------------------------------------------------------ image side
 
-    def set_image(self, image: ImageInput) -> None:
-        """Load and prepare ``image``; later :meth:`segment` calls without an image reuse its features."""
-        self._image = load_image(image)
-        self._input = self._prepare(self._image)
+    @property
+    def input_tensor(self) -> torch.Tensor | None:
+        """The current image as the plan sees it: ``1 x 3 x h x w`` normalised, at the working size."""
+        return self._input
+
+    def _prepare(self, image: np.ndarray) -> None:
+        self._input = self._normalised_input(image)
+
+    def _forget(self) -> None:
+        self._input = None
         self._features = []
 
-    def _prepare(self, image: np.ndarray) -> torch.Tensor:
+    def _normalised_input(self, image: np.ndarray) -> torch.Tensor:
         """``1 x 3 x h x w`` normalised float tensor at the working resolution."""
         pre = self.preprocess
         height, width = image.shape[:2]
@@ -174,7 +204,7 @@ class Segmenter:
             return self._features[call]
         multiple = self.preprocess.pad_multiple
         pad_h, pad_w = (-windows.shape[-2]) % multiple, (-windows.shape[-1]) % multiple
-        features = self.encode_image(F.pad(windows, (0, pad_w, 0, pad_h)))
+        features = self.model.encode_image(F.pad(windows, (0, pad_w, 0, pad_h)))
         used = sum(f.numel() * f.element_size() for f in self._features)
         if (
             call == len(self._features)
@@ -196,13 +226,27 @@ class Segmenter:
         prompts = [alias for group in aliases for alias in group]
         owner = torch.tensor([i for i, group in enumerate(aliases) for _ in group], device=self.device)
         with torch.inference_mode():
-            embeddings = self.encode_text(prompts).to(self.device)
+            embeddings = self.encode_prompts(prompts).to(self.device)
         self.text_encodings += 1
         entry = _LabelSet(names, embeddings, owner)
         self._text_cache[key] = entry
         if len(self._text_cache) > self.text_cache_size:
             self._text_cache.popitem(last=False)
         return entry
+
+    def encode_prompts(self, labels: list[str]) -> torch.Tensor:
+        """``P x D`` unit-norm embeddings of ``P`` label texts, ensembled over the templates (float32, or
+        float64 for a float64 model)."""
+        prompts = [template.replace("{}", label) for label in labels for template in self.templates]
+        parts = []
+        for start in range(0, len(prompts), self.text_batch_size):
+            embeddings = self.model.encode_text(self.tokenizer(prompts[start : start + self.text_batch_size]))
+            # Average in at least float32: bf16 weights must not round the ensemble.
+            parts.append(
+                F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), dim=-1)
+            )
+        per_template = torch.cat(parts).view(len(labels), len(self.templates), -1)
+        return F.normalize(per_template.mean(dim=1), dim=-1)
 
     # ------------------------------------------------------------------ segmentation
 
@@ -222,14 +266,14 @@ class Segmenter:
         background = _background_index(label_set.names, background_threshold)
         if image is not None:
             self.set_image(image)
-        if self._input is None or self._image is None:
-            raise BadLabelsError("no image to segment", hint="Pass an image, or call set_image() first.")
+        original = self._require_image()
+        assert self._input is not None
         calls = iter(range(1 << 30))
         multiple = self.preprocess.pad_multiple
 
         def logits_fn(windows: torch.Tensor) -> torch.Tensor:
             features = self._features_for(next(calls), windows)
-            logits = self.dense_logits(features, label_set.embeddings)
+            logits = self.model.dense_logits(features, label_set.embeddings)
             logits = _max_over_aliases(logits, label_set.owner, len(label_set.names))
             # Logits cover the padded input: upsample to it, then drop the padding.
             height, width = windows.shape[-2:]
@@ -240,7 +284,7 @@ class Segmenter:
         working_logits = run_plan(logits_fn, self._input, self.plan)
         if self.refine is not None:
             working_logits = self.refine(working_logits, self._input)
-        height, width = self._image.shape[:2]
+        height, width = original.shape[:2]
         need_probs = keep_scores or background is not None
         # Bands of at most ~2**25 values per temporary: many labels on a huge image must not exhaust memory.
         band = max(1, min(512, (1 << 25) // (working_logits.shape[1] * width)))
@@ -250,7 +294,7 @@ class Segmenter:
         return SegmentationResult(
             mask=mask.cpu().numpy(),
             labels=label_set.names,
-            image=self._image,
+            image=original,
             scores=probs.cpu().numpy() if keep_scores and probs is not None else None,
         )
 

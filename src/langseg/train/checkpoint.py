@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from langseg.distributed import DistInfo
 from langseg.errors import BadConfigError, BadDataError, OutputError
 from langseg.train.config import TrainConfig
-from langseg.train.distributed import DistInfo
 from langseg.train.optim import PolyWarmup
 
 __all__ = [

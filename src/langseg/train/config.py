@@ -22,12 +22,12 @@ from typing import Any, Literal, Union
 import yaml
 
 from langseg.errors import BadConfigError
+from langseg.predict.images import CLIP_MEAN, CLIP_STD
 
 __all__ = ["DataConfig", "OptimConfig", "TrainConfig", "config_from_dict", "config_to_dict", "load_config"]
 
-# CLIP's normalisation (open_clip OPENAI_DATASET_MEAN / STD), the default for every langseg model.
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+# CLIP's normalisation (open_clip OPENAI_DATASET_MEAN / STD) is the default for every langseg model;
+# the constants are the predictors' own, so training and prediction cannot drift apart.
 
 
 @dataclass
@@ -76,8 +76,9 @@ class DataConfig:
     """One dataset and how it is loaded and augmented.
 
     Attributes:
-        name: dataset name in :mod:`langseg.train.tasks`' dataset registry, e.g. ``shapeworld-semantic``.
-        kwargs: passed to the dataset builder (e.g. ``num_scenes``, ``seed``, ``size``, ``granularity``).
+        name: a registered dataset (:func:`langseg.data.list_datasets`), e.g. ``shapeworld-semantic``.
+        kwargs: the dataset's settings, ``build_dataset(name, kwargs)`` (e.g. ``num_scenes``, ``seed``,
+            ``size``, ``granularity``; ``root``, ``split`` for the benchmarks).
         batch_size: samples per micro-batch *per process*.
         num_workers: DataLoader worker processes.
         crop_size: side of the square training crop; ``None`` crops back to each image's own size.

@@ -39,13 +39,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from langseg.distributed import DistInfo, ShardedSampler, init_distributed, shutdown_distributed
 from langseg.errors import BadConfigError, OutputError
+from langseg.evaluate import Evaluator, run_evaluator
 from langseg.train import checkpoint as ckpt
 from langseg.train.checkpoint import TrainState
 from langseg.train.config import DataConfig, TrainConfig, config_to_dict
-from langseg.train.distributed import DistInfo, ShardedSampler, init_distributed, shutdown_distributed
 from langseg.train.optim import build_optimizer, build_scheduler
-from langseg.train.tasks import EvaluateFn, TaskBuilder, TaskParts, get_task
+from langseg.train.tasks import TaskBuilder, TaskParts, get_task
 from langseg.train.transforms import AugmentedDataset, TrainTransform, collate, normalize
 
 __all__ = ["FitResult", "TrainState", "evaluate", "fit"]
@@ -104,14 +105,15 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 def evaluate(
     module: nn.Module,
     dataset: Dataset,
-    evaluate_fn: EvaluateFn,
+    evaluator: Evaluator,
     data: DataConfig,
     info: DistInfo | None = None,
     precision: str = "fp32",
 ) -> Any:
-    """Score ``module`` on ``dataset``, each rank on its shard, summed over ranks with ``all_reduce``.
+    """Score ``module.predict`` on ``dataset`` with ``evaluator`` (see :mod:`langseg.evaluate`), each rank
+    on its shard of DataLoader batches (normalised as in training), summed over ranks.
 
-    Every rank must call this together (``info`` from :func:`~langseg.train.distributed.init_distributed`;
+    Every rank must call this together (``info`` from :func:`~langseg.distributed.init_distributed`;
     ``None`` = one process). Returns the reduced metric's ``compute()`` (e.g.
     :class:`~langseg.metrics.SemanticScores`, the same on every rank; ``.as_dict()`` for logging); the
     module's train/eval mode is restored afterwards.
@@ -123,11 +125,9 @@ def evaluate(
     module.eval()
     try:
         with torch.no_grad(), _autocast(info.device, precision):
-            metric = evaluate_fn(module, (_prepare(b, info.device, data) for b in loader))
+            return run_evaluator(evaluator, module.predict, (_prepare(b, info.device, data) for b in loader))
     finally:
         module.train(was_training)
-    metric.all_reduce()
-    return metric.compute()
 
 
 class _Recorder:

@@ -18,23 +18,24 @@ arguments; default: the variant's own text tower), ``freeze_text`` (bool), ``pro
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from open_clip.tokenizer import SimpleTokenizer
-from safetensors.torch import save_file
 from torch import nn
 
-from langseg.errors import BadConfigError, OutputError
+from langseg.data import build_dataset
+from langseg.errors import BadConfigError
+from langseg.evaluate import SemanticEvaluator
+from langseg.hub import save_checkpoint
 from langseg.models.lseg import LSEG_CONFIGS, TEXT_ENCODER_CONFIGS, LSegNet
 from langseg.models.text import ClipTextEncoder
 from langseg.registry import get_model_entry
 from langseg.train.config import TrainConfig
 from langseg.train.losses import cross_entropy
 from langseg.train.optim import head_backbone_groups
-from langseg.train.tasks import SemanticEvaluator, TaskParts, build_dataset, register_task
+from langseg.train.tasks import TaskParts, register_task
 
 Batch = dict[str, Any]
 
@@ -107,29 +108,20 @@ class LSegTrainModule(nn.Module):
 
     def export(self, out_dir: str | Path) -> Path:
         """Write the trained network and text tower as a langseg LSeg folder that ``langseg.load`` reads
-        (the converter's layout: ``model.safetensors``, ``text_encoder.safetensors``, ``config.json``)."""
-        from langseg.convert.lseg_official import CONFIG_FILE, NET_FILE, TEXT_FILE
-
-        out = Path(out_dir)
+        (the one layout of :func:`langseg.hub.save_checkpoint`, keys ``net.*`` and ``text_encoder.*``)."""
         config = {
             "format": "langseg",
             "family": "lseg",
             **self.export_config,
-            "weights": NET_FILE,
             # Trained at the dataset's resolution: predict on images as they come, not resized to 480.
             "predict": {"plan": "native"},
-            "text_encoder": {**self.export_config.get("text_encoder", {}), "weights": TEXT_FILE},
             "labels": self.labels,
         }
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            for name, module in ((NET_FILE, self.net), (TEXT_FILE, self.text_encoder)):
-                tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-                save_file(tensors, str(out / name), metadata={"format": "pt"})
-            (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        except OSError as err:
-            raise OutputError(f"cannot export the model to {out}: {err.strerror or err}") from err
-        return out
+        state = {
+            **{f"net.{k}": v for k, v in self.net.state_dict().items()},
+            **{f"text_encoder.{k}": v for k, v in self.text_encoder.state_dict().items()},
+        }
+        return save_checkpoint(state, out_dir, config)
 
     def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
         """The official recipe: the ViT and its reassemble projections at ``base_lr``; the DPT fusion
@@ -154,8 +146,8 @@ def build_lseg_semantic(config: TrainConfig) -> TaskParts:
     base_kwargs = dict(LSEG_CONFIGS.get(entry.name, {}))
     text_encoder = ClipTextEncoder(**(text_kwargs or TEXT_ENCODER_CONFIGS[entry.name]))
     net_kwargs = {**entry.kwargs, **kwargs}
-    train = build_dataset(config.data)
-    val = build_dataset(config.val_data) if config.val_data is not None else None
+    train = build_dataset(config.data.name, config.data.kwargs)
+    val = build_dataset(config.val_data.name, config.val_data.kwargs) if config.val_data is not None else None
     labels = list(getattr(train, "labels", []))
     if not labels:
         raise BadConfigError(

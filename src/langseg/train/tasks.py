@@ -1,9 +1,9 @@
-"""Task and dataset registries, evaluators, and the built-in ``toy-semantic`` task.
+"""The task registry and the built-in ``toy-semantic`` task.
 
 A *task* turns a :class:`~langseg.train.config.TrainConfig` into what the engine trains::
 
     def build_my_task(config: TrainConfig) -> TaskParts:
-        return TaskParts(module, train_dataset, val_dataset_or_None, evaluate_fn_or_None)
+        return TaskParts(module, train_dataset, val_dataset_or_None, evaluator_or_None)
 
     register_task("my-task", build_my_task)      # at import of the task's module
 
@@ -15,58 +15,42 @@ The *train module* is an ``nn.Module`` with
   for ``labels`` / ``text`` / ``meta``;
 - ``param_groups(base_lr) -> list[dict]`` (optional): optimiser groups, e.g. the head at
   ``base_lr * config.optim.head_lr_mult`` (see :func:`langseg.train.optim.head_backbone_groups`);
-- ``predict(batch) -> tensor``: ``B x H x W`` class indices (semantic) or bool masks (referring), used by
-  the evaluators below in ``eval()`` mode under ``torch.no_grad()``.
+- ``predict(batch) -> tensor``: ``B x H x W`` class indices (semantic) or bool masks (referring), what
+  the evaluator scores, called in ``eval()`` mode under ``torch.no_grad()``.
 
-``evaluate_fn(module, batches) -> metric`` consumes an iterable of batches (this rank's shard) and returns
-an un-reduced :class:`~langseg.metrics.SemanticMetrics` / :class:`~langseg.metrics.ReferringMetrics`
-(anything with ``all_reduce()`` and ``compute().as_dict()``); the engine sums it across ranks.
-
-Datasets are built by name from a :class:`~langseg.train.config.DataConfig` (``register_dataset``);
-built in: ``shapeworld-semantic``, ``shapeworld-referring`` and ``shapeworld-folder``.
+The evaluator is one of :mod:`langseg.evaluate`'s (``evaluator(module.predict, batches) -> metric``,
+e.g. :class:`~langseg.evaluate.SemanticEvaluator`); the engine sums its metric across ranks. Datasets
+come from :func:`langseg.data.build_dataset` by the name and keywords of a
+:class:`~langseg.train.config.DataConfig`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from langseg.data.shapes import ShapeWorldConfig
-from langseg.data.shapes_datasets import ShapeWorldFolder, ShapeWorldReferring, ShapeWorldSemantic
+from langseg.data import build_dataset
 from langseg.errors import BadConfigError
-from langseg.metrics import ReferringMetrics, SemanticMetrics
-from langseg.train.config import DataConfig, TrainConfig
+from langseg.evaluate import Evaluator, SemanticEvaluator
+from langseg.train.config import TrainConfig
 from langseg.train.losses import cross_entropy
 from langseg.train.optim import head_backbone_groups
 
 __all__ = [
-    "ReferringEvaluator",
-    "SemanticEvaluator",
+    "TaskBuilder",
     "TaskParts",
     "ToySegmenter",
-    "build_dataset",
+    "build_toy_semantic",
     "get_task",
-    "list_datasets",
     "list_tasks",
-    "register_dataset",
     "register_task",
 ]
 
 Batch = dict[str, Any]
-
-
-class Metric(Protocol):
-    def all_reduce(self) -> Any: ...
-    def compute(self) -> Any: ...
-
-
-EvaluateFn = Callable[[nn.Module, Iterable[Batch]], Metric]
 
 
 class TaskParts(NamedTuple):
@@ -75,14 +59,12 @@ class TaskParts(NamedTuple):
     module: nn.Module
     train_dataset: Dataset
     val_dataset: Dataset | None = None
-    evaluate: EvaluateFn | None = None
+    evaluate: Evaluator | None = None
 
 
 TaskBuilder = Callable[[TrainConfig], TaskParts]
-DatasetBuilder = Callable[..., Dataset]
 
 _TASKS: dict[str, TaskBuilder] = {}
-_DATASETS: dict[str, DatasetBuilder] = {}
 
 
 def register_task(name: str, builder: TaskBuilder, *, overwrite: bool = False) -> TaskBuilder:
@@ -106,105 +88,6 @@ def get_task(name: str) -> TaskBuilder:
 
 def list_tasks() -> list[str]:
     return sorted(_TASKS)
-
-
-def register_dataset(name: str, builder: DatasetBuilder, *, overwrite: bool = False) -> DatasetBuilder:
-    """Register ``builder(**data_config.kwargs) -> Dataset`` under ``name``."""
-    if name in _DATASETS and _DATASETS[name] is not builder and not overwrite:
-        raise ValueError(f"dataset {name!r} is already registered")
-    _DATASETS[name] = builder
-    return builder
-
-
-def list_datasets() -> list[str]:
-    return sorted(_DATASETS)
-
-
-def build_dataset(config: DataConfig) -> Dataset:
-    """The dataset ``config.name`` built with ``config.kwargs`` (no augmentation: the engine adds it).
-
-    Raises:
-        BadConfigError: unknown dataset name or keyword (the hint lists the valid ones).
-    """
-    if config.name not in _DATASETS:
-        raise BadConfigError(
-            f"unknown dataset {config.name!r}", hint=f"Registered datasets: {', '.join(list_datasets())}."
-        )
-    builder = _DATASETS[config.name]
-    params = inspect.signature(builder).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        unknown = [k for k in config.kwargs if k not in params]
-        if unknown:
-            raise BadConfigError(
-                f"unknown keyword {unknown[0]!r} for dataset {config.name!r}",
-                hint=f"Valid data.kwargs for {config.name}: {', '.join(params)}.",
-            )
-    try:
-        return builder(**config.kwargs)
-    except TypeError as err:  # a wrongly typed keyword reaching the dataset
-        raise BadConfigError(f"bad data.kwargs for dataset {config.name!r}: {err}") from None
-
-
-_WORLD_FIELDS = [f.name for f in dataclasses.fields(ShapeWorldConfig)]
-
-
-def _world_config(kwargs: dict[str, Any]) -> ShapeWorldConfig:
-    unknown = [k for k in kwargs if k not in _WORLD_FIELDS]
-    if unknown:
-        raise BadConfigError(
-            f"unknown ShapeWorld setting {unknown[0]!r} in data.kwargs",
-            hint=f"Valid: num_scenes, seed and the ShapeWorldConfig fields {', '.join(_WORLD_FIELDS)}.",
-        )
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # YAML lists
-    if "exclude_pairs" in kwargs:
-        kwargs["exclude_pairs"] = tuple(tuple(pair) for pair in kwargs["exclude_pairs"])
-    return ShapeWorldConfig(**kwargs)
-
-
-def _shapeworld_semantic(
-    num_scenes: int = 200, seed: int = 0, granularity: str = "colour_shape", **world: Any
-) -> Dataset:
-    return ShapeWorldSemantic(num_scenes, seed, _world_config(world), granularity)  # type: ignore[arg-type]
-
-
-def _shapeworld_referring(num_scenes: int = 200, seed: int = 0, per_object: int = 3, **world: Any) -> Dataset:
-    return ShapeWorldReferring(num_scenes, seed, _world_config(world), per_object)
-
-
-def _shapeworld_folder(root: str, task: str = "semantic") -> Dataset:
-    return ShapeWorldFolder(root, task)
-
-
-register_dataset("shapeworld-semantic", _shapeworld_semantic)
-register_dataset("shapeworld-referring", _shapeworld_referring)
-register_dataset("shapeworld-folder", _shapeworld_folder)
-
-
-class SemanticEvaluator:
-    """``evaluate_fn`` for semantic tasks: ``module.predict(batch)`` (``B x H x W`` class indices)
-    scored against ``batch["mask"]`` with :class:`~langseg.metrics.SemanticMetrics`."""
-
-    def __init__(
-        self, num_classes: int, class_names: list[str] | None = None, ignore_index: int = 255
-    ) -> None:
-        self.num_classes, self.class_names, self.ignore_index = num_classes, class_names, ignore_index
-
-    def __call__(self, module: nn.Module, batches: Iterable[Batch]) -> SemanticMetrics:
-        metrics = SemanticMetrics(self.num_classes, self.ignore_index, self.class_names)
-        for batch in batches:
-            metrics.update(module.predict(batch), batch["mask"])
-        return metrics
-
-
-class ReferringEvaluator:
-    """``evaluate_fn`` for referring tasks: ``module.predict(batch)`` (``B x H x W`` bool) scored
-    against ``batch["mask"]`` with :class:`~langseg.metrics.ReferringMetrics`."""
-
-    def __call__(self, module: nn.Module, batches: Iterable[Batch]) -> ReferringMetrics:
-        metrics = ReferringMetrics()
-        for batch in batches:
-            metrics.update(module.predict(batch), batch["mask"])
-        return metrics
 
 
 class ToySegmenter(nn.Module):
@@ -279,8 +162,8 @@ def build_toy_semantic(config: TrainConfig) -> TaskParts:
         raise BadConfigError(
             f"unknown model_kwargs key {unknown[0]!r} for toy-convnet", hint="Valid: width, dropout."
         )
-    train = build_dataset(config.data)
-    val = build_dataset(config.val_data) if config.val_data is not None else None
+    train = build_dataset(config.data.name, config.data.kwargs)
+    val = build_dataset(config.val_data.name, config.val_data.kwargs) if config.val_data is not None else None
     labels = list(getattr(train, "labels", []))
     if not labels:
         raise BadConfigError(
@@ -297,6 +180,3 @@ def build_toy_semantic(config: TrainConfig) -> TaskParts:
 
 
 register_task("toy-semantic", build_toy_semantic)
-
-# Last, so that register_dataset exists when it runs (it imports this module back).
-import langseg.data.registry  # noqa: E402, F401  registers the benchmark datasets

@@ -35,18 +35,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from langseg.data import build_dataset
 from langseg.errors import BadConfigError, BadDataError, LangsegError
-from langseg.models.vlt import PAPER_TEXT, THRESHOLD, VLT, VLT_CONFIGS, save_vlt, vlt_loss
-from langseg.models.vocab import DEFAULT_MAX_TOKENS, ClipTokenizer, Tokenizer, Vocab, tokenizer_from_config
-from langseg.predict.referrer import Letterbox, Placement, Referrer
+from langseg.evaluate import ReferringEvaluator
+from langseg.models.vlt import PAPER_TEXT, THRESHOLD, VLT, VLT_CONFIGS, vlt_loss
+from langseg.predict.letterbox import PAD_VALUE, Placement, letterbox
+from langseg.predict.referrer import foreground_probability
+from langseg.predict.tokenizers import (
+    DEFAULT_MAX_TOKENS,
+    ClipTokenizer,
+    Tokenizer,
+    Vocab,
+    tokenizer_from_config,
+)
 from langseg.registry import get_model_entry
 from langseg.train.config import DataConfig, TrainConfig, config_from_dict
 from langseg.train.optim import head_backbone_groups
-from langseg.train.tasks import ReferringEvaluator, TaskParts, build_dataset, register_task
+from langseg.train.tasks import TaskParts, register_task
 from langseg.train.transforms import swap_left_right
 
 __all__ = ["VLTTrainModule", "build_vlt_module", "build_vlt_referring", "export_vlt", "save_trained_vlt"]
@@ -68,25 +76,6 @@ def _check_types(kwargs: dict[str, Any]) -> None:
                 f"config key 'model_kwargs.{key}' must be {_VLT_PARAMS[key].annotation}, got {value!r}",
                 hint="Fix the value in the YAML or the override.",
             )
-
-
-def letterbox_batch(
-    images: torch.Tensor, size: int, pad: torch.Tensor
-) -> tuple[torch.Tensor, Placement | None]:
-    """``B x C x H x W`` -> ``B x C x S x S`` placed as :class:`Placement` says (``None``: already ``S``).
-
-    Bilinear resizing (antialiased when shrinking); ``pad`` is the ``C`` per-channel fill.
-    """
-    h, w = images.shape[-2:]
-    if (h, w) == (size, size):
-        return images, None
-    place = Placement.fit(w, h, size)
-    resized = F.interpolate(
-        images.float(), size=(place.nh, place.nw), mode="bilinear", align_corners=False, antialias=True
-    )
-    canvas = pad.to(resized).view(1, -1, 1, 1).expand(images.shape[0], -1, size, size).clone()
-    canvas[..., place.dy : place.dy + place.nh, place.dx : place.dx + place.nw] = resized
-    return canvas, place
 
 
 class VLTTrainModule(nn.Module):
@@ -121,7 +110,7 @@ class VLTTrainModule(nn.Module):
         self.mean, self.std = tuple(mean), tuple(std)
         self.head_lr_mult, self.loss_reduction, self.threshold = head_lr_mult, loss_reduction, threshold
         self.loss_resolution = loss_resolution
-        pad = (torch.full((3,), Letterbox().pad_value) - torch.tensor(self.mean)) / torch.tensor(self.std)
+        pad = (torch.full((3,), PAD_VALUE) - torch.tensor(self.mean)) / torch.tensor(self.std)
         self.register_buffer("pad", pad, persistent=False)
 
     # The vocabulary travels in state_dict()["_extra_state"], so a training checkpoint restores it.
@@ -137,18 +126,16 @@ class VLTTrainModule(nn.Module):
         device = self.pad.device
         return ids.to(device), mask.to(device)
 
-    def logits(self, batch: Batch) -> tuple[torch.Tensor, Placement | None]:
+    def logits(self, batch: Batch) -> tuple[torch.Tensor, Placement]:
         """``B x 1 x S/s x S/s`` logits for a batch's ``image`` (normalised ``B x 3 x H x W``) and
-        ``text``, and where the images sit in the letterboxed input (``None``: they are the input)."""
-        images, place = letterbox_batch(batch["image"], self.net.input_size, self.pad)
+        ``text``, and where the images sit in the letterboxed input (the Referrer's letterbox)."""
+        images, place = letterbox(batch["image"], self.net.input_size, self.pad)
         return self.net(images, *self.tokens(batch["text"])), place
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """``{"loss": scalar, "logits": B x 1 x h x w}``; ``batch["mask"]`` is ``B x H x W`` bool."""
         logits, _ = self.logits(batch)
-        masks = batch["mask"].float()
-        if tuple(masks.shape[-2:]) != (self.net.input_size,) * 2:
-            masks = letterbox_batch(masks[:, None], self.net.input_size, masks.new_zeros(1))[0][:, 0]
+        masks = letterbox(batch["mask"].float()[:, None], self.net.input_size, 0.0, mode="bilinear")[0][:, 0]
         loss = vlt_loss(logits, masks, self.loss_reduction, self.loss_resolution)
         return {"loss": loss, "logits": logits}
 
@@ -156,10 +143,7 @@ class VLTTrainModule(nn.Module):
     def probability(self, batch: Batch) -> torch.Tensor:
         """``B x H x W`` foreground probability at the image size (the Referrer's mapping)."""
         logits, place = self.logits(batch)
-        h, w = batch["image"].shape[-2:]
-        size = self.net.input_size
-        place = place or Placement(size, w, h, w, h, 0, 0)
-        return Referrer._to_image(logits.float()[:, 0], place)
+        return foreground_probability(logits.float()[:, 0], place)
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:
@@ -347,7 +331,7 @@ def _check_augmentation(data: DataConfig, dataset: Dataset) -> None:
 def build_vlt_referring(config: TrainConfig) -> TaskParts:
     """``vlt-referring``: a registered VLT variant (``config.model``, default ``vlt-tiny``) on a
     referring dataset (``shapeworld-referring``, ``shapeworld-folder`` with ``task: referring``, ...)."""
-    train = build_dataset(config.data)
+    train = build_dataset(config.data.name, config.data.kwargs)
     texts = dataset_texts(train)
     if len(train) and not texts:  # type: ignore[arg-type]
         raise BadConfigError(
@@ -355,7 +339,7 @@ def build_vlt_referring(config: TrainConfig) -> TaskParts:
             hint="Use shapeworld-referring (or a folder dataset with task: referring).",
         )
     _check_augmentation(config.data, train)
-    val = build_dataset(config.val_data) if config.val_data is not None else None
+    val = build_dataset(config.val_data.name, config.val_data.kwargs) if config.val_data is not None else None
     module = build_vlt_module(config, texts)
     return TaskParts(module, train, val, ReferringEvaluator())
 
@@ -375,6 +359,8 @@ def save_trained_vlt(module: VLTTrainModule, out_dir: str | Path, name: str | No
         name: registry name to record (default: the one the network was built from); the loader
             rebuilds the network from it plus the saved arguments.
     """
+    from langseg.zoo.vlt import save_vlt
+
     preprocess = {"mean": list(module.mean), "std": list(module.std)}
     return save_vlt(module.net, module.tokenizer, out_dir, name or module.model_name, preprocess)
 

@@ -1,8 +1,12 @@
 """Process-group set-up from ``torchrun``'s environment and a deterministic sharded sampler.
 
-Launch multi-process training with ``torchrun --nproc_per_node N -m langseg train CONFIG.yaml`` (or any
-launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``). Without
-``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) training runs in one process and nothing is initialised.
+Shared by training (:mod:`langseg.train`) and evaluation (:mod:`langseg.evaluate`), so it sits below
+both and imports nothing of langseg but :mod:`langseg.errors`.
+
+Launch several processes with ``torchrun --nproc_per_node N -m langseg train CONFIG.yaml`` (or ``...
+langseg eval ...``, or any launcher that sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``
+and ``MASTER_PORT``). Without ``WORLD_SIZE`` (or with ``WORLD_SIZE=1``) everything runs in one process
+and nothing is initialised.
 """
 
 from __future__ import annotations

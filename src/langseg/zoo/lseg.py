@@ -1,0 +1,296 @@
+"""LSeg in the zoo: registry entries, typed predictor options, test-time plans, and the Segmenter wiring.
+
+What the official code feeds CLIP is the raw label text (``lseg_net.py``: ``clip.tokenize(labelset)``),
+with ViT-B/32's tokenizer, and images normalised with mean = std = 0.5 (``lseg_module.py``); each entry
+records that preprocessing and its default plan. A langseg LSeg checkpoint is the one layout of
+:mod:`langseg.hub` (``model.safetensors`` with :class:`~langseg.models.lseg.LSeg`'s keys ``net.*`` and
+``text_encoder.*``, plus ``config.json``), written by ``langseg convert lseg-official`` and by
+``langseg export``; folders converted by langseg 0.1 (two safetensors files) still load.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from langseg.errors import BadConfigError, BadDataError, MissingWeightsError
+from langseg.hub import CONFIG_NAME, read_checkpoint, resolve_weights
+from langseg.models.lseg import LSEG_CONFIGS, LSeg, LSegNet, lseg_tiny, lseg_vitb32_384, lseg_vitl16_384
+from langseg.models.text import ClipTextEncoder
+from langseg.predict.images import HALF_MEAN, HALF_STD
+from langseg.predict.segmenter import Preprocess, Segmenter
+from langseg.predict.tta import PAPER_SCALES, InferencePlan
+from langseg.registry import Family, ModelEntry, WeightsSpec, register_family, register_model
+
+LSEG_TOKENIZER = "ViT-B-32"
+PLAN_NAMES = ("single", "paper", "native")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def lseg_plan(name: str) -> InferencePlan:
+    """A named test-time plan.
+
+    - ``"single"``: the long side resized to 480 (the training crop), one pass, no flip.
+    - ``"native"``: the image as it is (padded to the patch size), one pass: for models trained at
+      another resolution, such as the ShapeWorld recipe; exported models record it.
+    - ``"paper"``: the official evaluation (additional_utils/models.py, test_lseg.py): the long side
+      resized to ``s * 520`` for ``s`` in 0.5 ... 1.75, 480 windows every ``int(480 * 2/3) = 320`` pixels,
+      plus the horizontal flip.
+    """
+    if name == "single":
+        return InferencePlan(base_size=480)
+    if name == "native":
+        return InferencePlan()
+    if name == "paper":
+        return InferencePlan(crop=480, stride=320, scales=PAPER_SCALES, base_size=520, flip=True)
+    raise BadConfigError(f"unknown LSeg plan {name!r}", hint=f"Use one of {PLAN_NAMES} or an InferencePlan.")
+
+
+@dataclass(frozen=True)
+class LSegOptions:
+    """What ``langseg.load("lseg-...", **options)`` takes.
+
+    Attributes:
+        plan: ``"single"``, ``"paper"``, ``"native"`` (see :func:`lseg_plan`) or an ``InferencePlan``;
+            ``None``: the plan the checkpoint records, else the entry's.
+        dtype: weight dtype of the image network (``"float32"``, ``"bfloat16"``, ``"float16"`` or a
+            ``torch.dtype``); inputs are cast to it, logits come back float32. The text tower stays
+            float32: it runs once per label set.
+        max_labels, text_cache_size, feature_cache_bytes: Segmenter limits and caches.
+        preprocess: replaces the entry's resizing/normalisation.
+        arch_option, block_depth, activation: official spatial-regularisation options (official ``.ckpt``
+            files only; see :func:`langseg.convert.official_to_langseg`).
+    """
+
+    plan: str | InferencePlan | None = None
+    dtype: str | torch.dtype = "float32"
+    max_labels: int = 1024
+    text_cache_size: int = 16
+    feature_cache_bytes: int = 1 << 30
+    preprocess: Preprocess | None = None
+    arch_option: int | None = None
+    block_depth: int | None = None
+    activation: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.plan, str):
+            lseg_plan(self.plan)  # raises on unknown names
+        elif self.plan is not None and not isinstance(self.plan, InferencePlan):
+            raise BadConfigError(f"plan must be a name or an InferencePlan, got {type(self.plan).__name__}")
+        if isinstance(self.dtype, str):
+            if self.dtype not in _DTYPES:
+                raise BadConfigError(
+                    f"unknown dtype {self.dtype!r}", hint=f"Use one of {', '.join(_DTYPES)}."
+                )
+            object.__setattr__(self, "dtype", _DTYPES[self.dtype])
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise BadConfigError(f"dtype must be a float dtype such as torch.bfloat16, got {self.dtype!r}")
+        for name in ("max_labels", "text_cache_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BadConfigError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.feature_cache_bytes, bool) or not isinstance(self.feature_cache_bytes, int):
+            raise BadConfigError(f"feature_cache_bytes must be an integer, got {self.feature_cache_bytes!r}")
+
+
+class LSegBundle(NamedTuple):
+    """A loaded LSeg: the network, the text encoder whose space it was trained in, and its config."""
+
+    net: LSegNet
+    text_encoder: ClipTextEncoder
+    config: dict[str, Any]
+
+
+def load_lseg(
+    path: str | Path,
+    variant: str | None = None,
+    *,
+    arch_option: int | None = None,
+    block_depth: int | None = None,
+    activation: str | None = None,
+) -> LSegBundle:
+    """Load an LSeg from a langseg folder (or its ``model.safetensors``) or an official ``.ckpt``.
+
+    ``variant``, ``arch_option``, ``block_depth`` and ``activation`` only apply to official checkpoints
+    (see :func:`langseg.convert.official_to_langseg`). Modules stay in training mode.
+    """
+    from langseg.convert.lseg_official import official_to_langseg, read_official_checkpoint
+
+    path = Path(path)
+    folder = path.parent if path.is_file() and path.suffix == ".safetensors" else path
+    if folder.is_dir():
+        config, net_state, text_state = _read_folder(folder)
+    else:
+        state, hyper = read_official_checkpoint(path)
+        converted = official_to_langseg(
+            state, hyper, variant, arch_option=arch_option, block_depth=block_depth, activation=activation
+        )
+        del state  # the official dict can be >1 GB; keep only the converted copy
+        config, net_state, text_state = converted
+    try:
+        net = LSegNet(**config["kwargs"])
+        text_encoder = ClipTextEncoder(**config["text_encoder"]["kwargs"])
+    except (KeyError, TypeError) as err:
+        raise BadDataError(f"the config of {path} is not a langseg LSeg config: {err}") from err
+    for module, tensors, what in ((net, net_state, "model"), (text_encoder, text_state, "text encoder")):
+        try:
+            module.load_state_dict(tensors, strict=True)
+        except RuntimeError as error:  # torch lists missing/unexpected keys and shape mismatches
+            raise BadDataError(f"{what} weights do not match the config: {error}") from error
+    return LSegBundle(net, text_encoder, config)
+
+
+def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(config, net state, text state) of a langseg LSeg folder, in the one layout or langseg 0.1's."""
+    config_file = folder / CONFIG_NAME
+    if not config_file.is_file():
+        raise MissingWeightsError(f"{folder} has no {CONFIG_NAME}", hint="Convert the checkpoint first.")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadDataError(f"{config_file} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or config.get("family") != "lseg":
+        family = config.get("family") if isinstance(config, dict) else None
+        raise BadDataError(f"{folder} holds a {family!r} model, not LSeg")
+    legacy = config.get("text_encoder", {}).get("weights")
+    if legacy:  # langseg 0.1: the network and the text tower in two files
+        from safetensors.torch import load_file
+
+        try:
+            return config, load_file(str(folder / config["weights"])), load_file(str(folder / legacy))
+        except (OSError, KeyError) as err:
+            raise MissingWeightsError(f"weights file missing in {folder}: {err}") from err
+    state, config = read_checkpoint(folder)
+    parts: dict[str, dict[str, torch.Tensor]] = {"net": {}, "text_encoder": {}}
+    for key, tensor in state.items():
+        prefix, _, rest = key.partition(".")
+        if prefix not in parts:
+            raise BadDataError(
+                f"unexpected tensor {key!r} in {folder} (LSeg keys start net. or text_encoder.)"
+            )
+        parts[prefix][rest] = tensor
+    return config, parts["net"], parts["text_encoder"]
+
+
+def lseg_segmenter(
+    model: LSeg,
+    device: str | torch.device = "cpu",
+    options: LSegOptions | None = None,
+    *,
+    default_plan: str = "single",
+    mean: tuple[float, float, float] = HALF_MEAN,
+    std: tuple[float, float, float] = HALF_STD,
+) -> Segmenter:
+    """Wrap an :class:`~langseg.models.lseg.LSeg` in a :class:`~langseg.predict.Segmenter`.
+
+    The image network takes ``options.dtype``; the text tower stays float32 (in bf16 on CPU it was
+    slower: its batched matmuls copy their operands). ``default_plan`` applies when the options name none.
+    """
+    import open_clip
+
+    options = options or LSegOptions()
+    plan = options.plan if options.plan is not None else default_plan
+    plan = lseg_plan(plan) if isinstance(plan, str) else plan
+    model.net.to(dtype=options.dtype)  # type: ignore[call-overload]
+    model.text_encoder.to(dtype=torch.float32)
+    # The tokenizer pads to the text tower's own context (77 for CLIP; small towers trained on
+    # ShapeWorld use fewer positions).
+    tokenizer = open_clip.get_tokenizer(LSEG_TOKENIZER, context_length=model.text_encoder.context_length)
+    # Pad to the patch size (odd token grids are fine). When the plan resizes to a base size, shrink big
+    # photos with PIL's antialiasing to the plan's largest side first, before its own bilinear resizing.
+    largest = 2048 if plan.base_size is None else max(1, round(max(plan.scales) * plan.base_size))
+    patch = model.net.encoder.patch_size[0]
+    preprocess = options.preprocess or Preprocess(max_side=largest, pad_multiple=patch, mean=mean, std=std)
+    return Segmenter(
+        model,
+        tokenizer,
+        plan=plan,
+        preprocess=preprocess,
+        device=device,
+        max_labels=options.max_labels,
+        text_cache_size=options.text_cache_size,
+        feature_cache_bytes=options.feature_cache_bytes,
+    )
+
+
+def _source(entry: ModelEntry, weights: Path | None) -> Path:
+    return resolve_weights(entry.weights, entry.name, weights)
+
+
+def load_predictor(
+    entry: ModelEntry, weights: Path | None, device: str | torch.device, options: LSegOptions
+) -> Segmenter:
+    """The family's ``load_predictor``: a ready Segmenter from a converted folder or an official ``.ckpt``."""
+    source = _source(entry, weights)
+    net, text_encoder, config = load_lseg(
+        source,
+        variant=entry.name,
+        arch_option=options.arch_option,
+        block_depth=options.block_depth,
+        activation=options.activation,
+    )
+    if config.get("variant", config.get("model")) != entry.name:
+        raise BadConfigError(
+            f"{source} holds {config.get('variant')!r}, not {entry.name!r}",
+            hint=f"Load it as langseg.load({str(source)!r}) (its config.json names the model).",
+        )
+    # A model trained by langseg records the plan and normalisation it suits.
+    plan = config.get("predict", {}).get("plan") or entry.plan or "single"
+    pre = {**entry.preprocess, **config.get("preprocess", {})}
+    return lseg_segmenter(
+        LSeg(net, text_encoder),
+        device,
+        options,
+        default_plan=plan,
+        mean=tuple(pre.get("mean", HALF_MEAN)),  # type: ignore[arg-type]
+        std=tuple(pre.get("std", HALF_STD)),  # type: ignore[arg-type]
+    )
+
+
+def load_network(entry: ModelEntry, weights: Path | None, **kwargs: Any) -> LSegNet:
+    """The family's ``load_network``: the bare :class:`LSegNet` with the weights of a checkpoint."""
+    net, _, config = load_lseg(_source(entry, weights), variant=entry.name)
+    if not kwargs:
+        return net
+    rebuilt = LSegNet(**{**config["kwargs"], **kwargs})
+    rebuilt.load_state_dict(net.state_dict())
+    return rebuilt
+
+
+_CONVERT_HINT = (
+    "Convert the official checkpoint once (`langseg convert lseg-official demo_e200.ckpt lseg-vitl16/`, see "
+    "docs/lseg.md), then langseg.load('lseg-vitl16/'); or pass weights='path/to/official.ckpt'."
+)
+FAMILY = register_family(Family("lseg", LSegOptions, load_predictor, load_network))
+for _name, _builder, _description, _weights in (
+    (
+        "lseg-vitl16-384",
+        lseg_vitl16_384,
+        "LSeg, ViT-L/16 DPT image encoder, CLIP ViT-B/32 labels (paper)",
+        WeightsSpec.convert(_CONVERT_HINT),
+    ),
+    (
+        "lseg-vitb32-384",
+        lseg_vitb32_384,
+        "LSeg, ViT-B/32 DPT image encoder, CLIP ViT-B/32 labels",
+        WeightsSpec.convert(_CONVERT_HINT.replace("lseg-vitl16", "lseg-vitb32")),
+    ),
+    ("lseg-tiny", lseg_tiny, "LSeg architecture at toy size, random weights (tests)", None),
+):
+    assert _name in LSEG_CONFIGS
+    register_model(
+        ModelEntry(
+            name=_name,
+            family="lseg",
+            task="semantic",
+            builder=_builder,
+            description=_description,
+            weights=_weights,
+            preprocess={"mean": HALF_MEAN, "std": HALF_STD},
+            plan="single",
+        )
+    )

@@ -1,0 +1,167 @@
+"""VLT in the zoo: registry entries, typed predictor options, checkpoints with their vocabulary, Referrer.
+
+A VLT checkpoint is the one layout of :mod:`langseg.hub`; its ``config.json`` records the registry name,
+the network's arguments (``kwargs``), the tokenizer (the whole vocabulary) and the pixel normalisation
+(``preprocess``), so that a folder alone rebuilds the Referrer it was saved from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from langseg.errors import BadConfigError, BadDataError
+from langseg.hub import read_checkpoint, resolve_weights, save_checkpoint
+from langseg.models.vlt import THRESHOLD, VLT, vlt_darknet53, vlt_shapes, vlt_swinb, vlt_tiny
+from langseg.predict.images import IMAGENET_MEAN, IMAGENET_STD, UNIT_MEAN, UNIT_STD
+from langseg.predict.referrer import UPSAMPLE, Letterbox, Referrer
+from langseg.predict.tokenizers import Tokenizer, Vocab, tokenizer_from_config
+from langseg.registry import Family, ModelEntry, WeightsSpec, register_family, register_model
+
+# Weights that ship inside the package (langseg/weights/<name>/), checked by digest when loaded.
+VLT_SHAPES_SHA256 = "ec56cbfe72af4bc4f9b116e68e1f117b5330d0c522947fdf449d21213b8b7a54"
+
+
+@dataclass(frozen=True)
+class VLTOptions:
+    """What ``langseg.load("vlt-...", **options)`` takes.
+
+    Attributes:
+        threshold: foreground when the sigmoid probability exceeds it (official 0.35).
+        upsample: resize the ``"logits"`` (default) or the ``"probability"`` (official) to the image.
+    """
+
+    threshold: float = THRESHOLD
+    upsample: str = "logits"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise BadConfigError(f"threshold must be a number in (0, 1), got {self.threshold!r}")
+        if not 0.0 < self.threshold < 1.0:
+            raise BadConfigError(f"threshold must be in (0, 1), got {self.threshold}", hint="VLT uses 0.35.")
+        if self.upsample not in UPSAMPLE:
+            raise BadConfigError(f"unknown upsample {self.upsample!r}", hint=f"Use one of {UPSAMPLE}.")
+
+
+def save_vlt(
+    model: VLT, tokenizer: Tokenizer, out_dir: str | Path, name: str, preprocess: dict[str, Any] | None = None
+) -> Path:
+    """Write a checkpoint :func:`langseg.load` reads back as a Referrer.
+
+    ``preprocess`` (``mean``/``std``) defaults to the registry entry's, if ``name`` is registered.
+    """
+    from langseg.registry import get_model_entry
+
+    if preprocess is None:
+        try:
+            preprocess = dict(get_model_entry(name).preprocess)
+        except LookupError:
+            preprocess = {}
+    config = {
+        "model": name,
+        "family": "vlt",
+        "kwargs": model.config,
+        "tokenizer": tokenizer.to_config(),
+        "preprocess": {k: list(v) for k, v in preprocess.items()},
+    }
+    return save_checkpoint(model, out_dir, config)
+
+
+def load_vlt(entry: ModelEntry, weights: Path | None = None) -> tuple[VLT, Tokenizer, dict[str, Any]]:
+    """(network with weights, tokenizer, checkpoint config) of ``entry`` or of a local checkpoint."""
+    state, config = read_checkpoint(resolve_weights(entry.weights, entry.name, weights))
+    if not isinstance(config.get("tokenizer"), dict):
+        raise BadDataError(
+            "the checkpoint's config.json records no tokenizer",
+            hint="Save VLT checkpoints with langseg.zoo.vlt.save_vlt (it stores the vocabulary).",
+        )
+    model = entry.builder(**{**entry.kwargs, **config.get("kwargs", {})})
+    tokenizer = tokenizer_from_config(config["tokenizer"])
+    embed = getattr(model.text, "embed", None)
+    if isinstance(tokenizer, Vocab) and embed is not None and len(tokenizer) > embed.num_embeddings:
+        raise BadDataError(
+            f"the vocabulary has {len(tokenizer)} ids but the model embeds {embed.num_embeddings}",
+            hint="Save the checkpoint with the vocabulary it was trained with (save_vlt).",
+        )
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of the wrong shape
+        raise BadDataError(f"the checkpoint does not fit {entry.name}: {str(err)[:300]}") from err
+    if missing or unexpected:
+        raise BadDataError(
+            f"the checkpoint does not fit {entry.name} ({len(missing)} missing, {len(unexpected)} unexpected "
+            f"tensors, e.g. {(missing or unexpected)[:3]})",
+            hint="Load it with the registry name it was saved under.",
+        )
+    return model, tokenizer, config
+
+
+def load_predictor(
+    entry: ModelEntry, weights: Path | None, device: str | torch.device, options: VLTOptions
+) -> Referrer:
+    """The family's ``load_predictor``: a Referrer with weights, vocabulary and normalisation."""
+    model, tokenizer, config = load_vlt(entry, weights)
+    pre = {**entry.preprocess, **config.get("preprocess", {})}
+    letterbox = Letterbox(mean=tuple(pre.get("mean", UNIT_MEAN)), std=tuple(pre.get("std", UNIT_STD)))
+    return Referrer(
+        model,
+        tokenizer,
+        letterbox=letterbox,
+        device=device,
+        threshold=options.threshold,
+        upsample=options.upsample,
+    )
+
+
+def load_network(entry: ModelEntry, weights: Path | None, **kwargs: Any) -> VLT:
+    """The family's ``load_network``: the bare :class:`VLT`, sized as its checkpoint records."""
+    model, _, config = load_vlt(entry, weights)
+    if not kwargs:
+        return model
+    rebuilt = entry.builder(**{**entry.kwargs, **config.get("kwargs", {}), **kwargs})
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt
+
+
+FAMILY = register_family(Family("vlt", VLTOptions, load_predictor, load_network))
+# Pixel normalisation per variant: the official Darknet sees RGB in [0, 1]; timm's ImageNet backbones
+# their usual statistics; vlt-shapes' bundled config.json records its recipe's (CLIP) statistics.
+_UNIT = {"mean": UNIT_MEAN, "std": UNIT_STD}
+for _name, _builder, _description, _weights, _preprocess in (
+    (
+        "vlt-darknet53",
+        vlt_darknet53,
+        "VLT, Darknet-53 backbone, bi-GRU words, 416 input (paper)",
+        None,
+        _UNIT,
+    ),
+    (
+        "vlt-swinb",
+        vlt_swinb,
+        "VLT, Swin-B/12 384 backbone, bi-GRU words",
+        None,
+        {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+    ),
+    ("vlt-tiny", vlt_tiny, "VLT architecture at toy size, random weights (tests)", None, _UNIT),
+    (
+        "vlt-shapes",
+        vlt_shapes,
+        "VLT trained on ShapeWorld-Ref, 64 x 64 (weights ship with langseg)",
+        WeightsSpec.bundled(VLT_SHAPES_SHA256),
+        {},
+    ),
+):
+    register_model(
+        ModelEntry(
+            name=_name,
+            family="vlt",
+            task="referring",
+            builder=_builder,
+            description=_description,
+            weights=_weights,
+            preprocess=_preprocess,
+        )
+    )
