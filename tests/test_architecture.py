@@ -180,3 +180,10 @@ def test_cli_help_and_argument_errors_do_not_import_torch(args: list[str]) -> No
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_training_finds_the_registered_models_in_a_fresh_process() -> None:
+    """``langseg train`` looks models up in the registry: importing the training package fills it."""
+    code = "import langseg.train\nfrom langseg.registry import get_model_entry\nprint(get_model_entry('vlt-tiny').family)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "vlt"

@@ -25,6 +25,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
+import langseg.zoo  # noqa: F401  (importing the zoo registers the model entries)
 from langseg.data import build_dataset
 from langseg.errors import BadConfigError
 from langseg.evaluate import SemanticEvaluator

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+import langseg.zoo  # noqa: F401  (importing the zoo registers the model entries)
 from langseg.data import build_dataset
 from langseg.errors import BadConfigError, BadDataError, LangsegError
 from langseg.evaluate import ReferringEvaluator
