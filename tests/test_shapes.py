@@ -345,3 +345,34 @@ def test_folder_errors_name_the_missing_file(tmp_path: Path) -> None:
     ds = ShapeWorldFolder(root)
     with pytest.raises(BadDataError, match=r"000001\.png"):
         ds[1]
+
+
+def test_variety_cycles_backgrounds_and_shrinks_larger_renders() -> None:
+    """Scene i takes background i % 3 and render size (i // 3) % 2, then comes back at the dataset size:
+    the image bicubic-antialiased (as the predictors shrink images), semantic masks by nearest (torch's:
+    the top-left pixel of each block), referring masks where at least half the pixels are the object."""
+    import torch.nn.functional as F
+
+    kinds, sizes = ("plain", "noise", "texture"), (64, 256)
+    world = ShapeWorldConfig(size=64)
+    semantic = ShapeWorldSemantic(6, seed=3, config=world, backgrounds=kinds, render_sizes=sizes)
+    assert all(
+        semantic[i]["image"].shape == (3, 64, 64) and semantic[i]["mask"].shape == (64, 64) for i in range(6)
+    )
+    # Scene 1 is rendered as it is (noise, 64 px), scene 3 at 256 px over plain grey and shrunk.
+    native = render_scene(3, 1, ShapeWorldConfig(size=64, background="noise"))
+    assert np.array_equal(semantic[1]["image"].permute(1, 2, 0).numpy(), native.image)
+    big = render_scene(3, 3, ShapeWorldConfig(size=256, background="plain"))
+    pixels = torch.from_numpy(big.image).permute(2, 0, 1)[None].float()
+    shrunk = F.interpolate(pixels, size=(64, 64), mode="bicubic", align_corners=False, antialias=True)
+    assert torch.equal(semantic[3]["image"], shrunk[0].round().clamp(0, 255).to(torch.uint8))
+    assert torch.equal(semantic[3]["mask"], torch.from_numpy(big.semantic_map()[::4, ::4]))
+    referring = ShapeWorldReferring(6, seed=3, config=world, backgrounds=kinds, render_sizes=sizes)
+    sample = next(s for s in referring if s["meta"]["index"] == 3)
+    full = torch.from_numpy(big.object_mask(sample["meta"]["target"])).float()
+    coverage = full.reshape(64, 4, 64, 4).mean(dim=(1, 3))
+    assert sample["mask"].dtype == torch.bool and torch.equal(sample["mask"], coverage >= 0.5)
+    with pytest.raises(BadConfigError):
+        ShapeWorldSemantic(2, config=world, backgrounds=("plain", "fog"))
+    with pytest.raises(BadConfigError):
+        ShapeWorldSemantic(2, config=world, render_sizes=(16,))

@@ -95,7 +95,8 @@ def _world_config(kwargs: dict[str, Any]) -> ShapeWorldConfig:
     if unknown:
         raise BadConfigError(
             f"unknown ShapeWorld setting {unknown[0]!r} in data.kwargs",
-            hint=f"Valid: num_scenes, seed and the ShapeWorldConfig fields {', '.join(_WORLD_FIELDS)}.",
+            hint="Valid: num_scenes, seed, backgrounds, render_sizes and the ShapeWorldConfig fields "
+            f"{', '.join(_WORLD_FIELDS)}.",
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # YAML lists
     if "exclude_pairs" in kwargs:
@@ -104,13 +105,34 @@ def _world_config(kwargs: dict[str, Any]) -> ShapeWorldConfig:
 
 
 def _shapeworld_semantic(
-    num_scenes: int = 200, seed: int = 0, granularity: str = "colour_shape", **world: Any
+    num_scenes: int = 200,
+    seed: int = 0,
+    granularity: str = "colour_shape",
+    backgrounds: list[str] | None = None,
+    render_sizes: list[int] | None = None,
+    **world: Any,
 ) -> Dataset:
-    return ShapeWorldSemantic(num_scenes, seed, _world_config(world), granularity)  # type: ignore[arg-type]
+    return ShapeWorldSemantic(
+        num_scenes,
+        seed,
+        _world_config(world),
+        granularity,  # type: ignore[arg-type]
+        backgrounds=backgrounds,
+        render_sizes=render_sizes,
+    )
 
 
-def _shapeworld_referring(num_scenes: int = 200, seed: int = 0, per_object: int = 3, **world: Any) -> Dataset:
-    return ShapeWorldReferring(num_scenes, seed, _world_config(world), per_object)
+def _shapeworld_referring(
+    num_scenes: int = 200,
+    seed: int = 0,
+    per_object: int = 3,
+    backgrounds: list[str] | None = None,
+    render_sizes: list[int] | None = None,
+    **world: Any,
+) -> Dataset:
+    return ShapeWorldReferring(
+        num_scenes, seed, _world_config(world), per_object, backgrounds=backgrounds, render_sizes=render_sizes
+    )
 
 
 def _shapeworld_folder(root: str, task: str = "semantic") -> Dataset:

@@ -18,13 +18,14 @@ On-disk layout written by :func:`write_shapeworld` (and ``langseg data shapes``)
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -51,6 +52,54 @@ def _image_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
+class _Variety:
+    """Scenes of one world drawn over several backgrounds and at several sizes, then brought to one size.
+
+    Scene ``i`` takes background ``backgrounds[i % B]`` and is rendered at ``render_sizes[(i // B) % R]``
+    pixels, then resized to ``config.size`` the way a predictor shrinks an image (bicubic, antialiased:
+    the VLT letterbox of a square image); its mask goes with it (semantic: nearest; referring: the
+    pixels at least half covered). So a model trained at one input size also sees what a user's larger
+    renders look like once shrunk (smoother edges, averaged noise). ``None`` keeps the config's.
+    """
+
+    def __init__(
+        self, config: ShapeWorldConfig, backgrounds: Sequence[str] | None, render_sizes: Sequence[int] | None
+    ) -> None:
+        self.config = config
+        self.backgrounds = tuple(backgrounds or (config.background,))
+        self.render_sizes = tuple(render_sizes or (config.size,))
+        for background in self.backgrounds:  # validated by the config itself
+            replace(config, background=background)  # type: ignore[arg-type]
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 32 for s in self.render_sizes):
+            raise BadConfigError(f"render_sizes must be integers >= 32, got {list(self.render_sizes)}")
+
+    def scene(self, seed: int, index: int) -> Scene:
+        count = len(self.backgrounds)
+        config = replace(
+            self.config,
+            background=self.backgrounds[index % count],  # type: ignore[arg-type]
+            size=self.render_sizes[(index // count) % len(self.render_sizes)],
+        )
+        return render_scene(seed, index, config)
+
+    def fit(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """``3 x S x S`` uint8 image and ``S x S`` mask at ``config.size`` from a render of another size."""
+        pixels, target = _image_tensor(image), torch.from_numpy(mask)
+        size = (self.config.size, self.config.size)
+        if tuple(target.shape) == size:
+            return pixels, target
+        resized = F.interpolate(
+            pixels[None].float(), size=size, mode="bicubic", align_corners=False, antialias=True
+        )
+        pixels = resized[0].round().clamp(0, 255).to(torch.uint8)
+        if target.dtype == torch.bool:
+            area = F.interpolate(target[None, None].float(), size=size, mode="area")[0, 0]
+            return pixels, area >= 0.5
+        return pixels, F.interpolate(target[None, None].float(), size=size, mode="nearest")[0, 0].to(
+            target.dtype
+        )
+
+
 class ShapeWorldSemantic(Dataset):
     """``num_scenes`` scenes of world ``seed`` with per-pixel class maps under ``granularity``."""
 
@@ -61,6 +110,8 @@ class ShapeWorldSemantic(Dataset):
         config: ShapeWorldConfig | None = None,
         granularity: Granularity = "colour_shape",
         transform: Callable[[Sample], Sample] | None = None,
+        backgrounds: Sequence[str] | None = None,
+        render_sizes: Sequence[int] | None = None,
     ) -> None:
         if num_scenes < 0:
             raise BadConfigError(f"num_scenes must be >= 0, got {num_scenes}")
@@ -69,6 +120,7 @@ class ShapeWorldSemantic(Dataset):
         self.granularity = granularity
         self.labels = label_names(self.config, granularity)
         self.transform = transform
+        self.variety = _Variety(self.config, backgrounds, render_sizes)
 
     def __len__(self) -> int:
         return self.num_scenes
@@ -76,10 +128,11 @@ class ShapeWorldSemantic(Dataset):
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < self.num_scenes:
             raise IndexError(index)
-        scene = render_scene(self.seed, index, self.config)
+        scene = self.variety.scene(self.seed, index)
+        image, mask = self.variety.fit(scene.image, scene.semantic_map(self.granularity))
         sample = {
-            "image": _image_tensor(scene.image),
-            "mask": torch.from_numpy(scene.semantic_map(self.granularity)),
+            "image": image,
+            "mask": mask,
             "labels": self.labels,
             "meta": {"seed": self.seed, "index": index},
         }
@@ -100,12 +153,15 @@ class ShapeWorldReferring(Dataset):
         config: ShapeWorldConfig | None = None,
         per_object: int = 3,
         transform: Callable[[Sample], Sample] | None = None,
+        backgrounds: Sequence[str] | None = None,
+        render_sizes: Sequence[int] | None = None,
     ) -> None:
         if num_scenes < 0:
             raise BadConfigError(f"num_scenes must be >= 0, got {num_scenes}")
         self.num_scenes, self.seed, self.per_object = num_scenes, seed, per_object
         self.config = config or ShapeWorldConfig()
         self.transform = transform
+        self.variety = _Variety(self.config, backgrounds, render_sizes)
         self._index: list[tuple[int, Expression]] | None = None
 
     @property
@@ -114,7 +170,7 @@ class ShapeWorldReferring(Dataset):
             self._index = [
                 (i, expr)
                 for i in range(self.num_scenes)
-                for expr in scene_expressions(render_scene(self.seed, i, self.config), self.per_object)
+                for expr in scene_expressions(self.variety.scene(self.seed, i), self.per_object)
             ]
         return self._index
 
@@ -123,10 +179,11 @@ class ShapeWorldReferring(Dataset):
 
     def __getitem__(self, item: int) -> Sample:
         scene_index, expr = self.index[item]
-        scene = render_scene(self.seed, scene_index, self.config)
+        scene = self.variety.scene(self.seed, scene_index)
+        image, mask = self.variety.fit(scene.image, scene.object_mask(expr.target))
         sample = {
-            "image": _image_tensor(scene.image),
-            "mask": torch.from_numpy(scene.object_mask(expr.target)),
+            "image": image,
+            "mask": mask,
             "text": expr.text,
             "meta": {"seed": self.seed, "index": scene_index, "target": expr.target, "kind": expr.kind},
         }
