@@ -19,7 +19,7 @@ from pycocotools import mask as coco_mask
 import langseg
 from langseg import hub
 from langseg.convert import convert_lseg_official
-from langseg.data import render_scene
+from langseg.data import ShapeWorldConfig, render_scene
 from langseg.errors import BadConfigError, ImageNotSetError, MissingWeightsError
 from langseg.predict import Predictor, ReferringResult, SegmentationResult
 from langseg.predict.referrer import Referrer
@@ -131,7 +131,9 @@ def test_results_share_field_names_and_encode_masks_as_coco_rle(predictors, kind
         ("lseg-vitl16-384", {"max_labels": 0}, "max_labels"),
         ("naclip-vit-b16", {"threshold": 0.3}, "Options of dense_clip models: templates"),
         ("naclip-vit-b16", {"templates": ["no placeholder"]}, "exactly once"),
-        ("naclip-vit-b16", {"precision": "int3"}, "precision"),
+        ("naclip-vit-b16", {"dtype": "int3"}, "unknown dtype"),
+        ("naclip-vit-b16", {"precision": "bf16"}, "take no option .precision.* dtype"),
+        ("vlt-shapes", {"dtype": torch.int8}, "float dtype"),
     ],
 )
 def test_options_are_checked_before_any_weights_are_looked_for(name, options, message, monkeypatch) -> None:
@@ -158,6 +160,13 @@ def test_unusable_devices_are_config_errors(device: str) -> None:
 def test_good_options_reach_the_predictor() -> None:
     referrer = langseg.load("vlt-shapes", threshold=0.5, upsample="probability")
     assert referrer.threshold == 0.5 and referrer.upsample == "probability"
+    # bf16 weights (inputs cast to them): nearly the float32 masks.
+    image = render_scene(seed=5, index=0, config=ShapeWorldConfig(size=64)).image
+    fp32 = langseg.load("vlt-shapes").refer(image, "the large circle", keep_scores=True)
+    bf16 = langseg.load("vlt-shapes", dtype="bfloat16")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    got = bf16.refer(image, "the large circle", keep_scores=True)
+    assert (got.mask == fp32.mask).mean() > 0.98 and np.abs(got.scores - fp32.scores).mean() < 0.02
 
 
 # ---------------------------------------------------------------------------------------- weights

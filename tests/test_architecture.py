@@ -184,6 +184,9 @@ def test_cli_help_and_argument_errors_do_not_import_torch(args: list[str]) -> No
 
 def test_training_finds_the_registered_models_in_a_fresh_process() -> None:
     """``langseg train`` looks models up in the registry: importing the training package fills it."""
-    code = "import langseg.train\nfrom langseg.registry import get_model_entry\nprint(get_model_entry('vlt-tiny').family)"
+    code = (
+        "import langseg.train\nfrom langseg.registry import get_model_entry\n"
+        "print(get_model_entry('vlt-tiny').family)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "vlt"

@@ -215,8 +215,8 @@ def test_bad_checkpoints_are_clear_errors(ckpt, tmp_path) -> None:
     with pytest.raises(BadDataError) as info, pytest.warns(UserWarning, match="TorchScript"):
         langseg.load(f"naclip:{TINY}", weights=script)
     assert "TorchScript" in info.value.hint
-    with pytest.raises(BadConfigError, match="precision"):
-        langseg.load(f"naclip:{TINY}", weights=ckpt["bin"], precision="int3")
+    with pytest.raises(BadConfigError, match="dtype"):
+        langseg.load(f"naclip:{TINY}", weights=ckpt["bin"], dtype="int3")
 
 
 # ------------------------------------------------------------------------------------ registry

@@ -70,6 +70,39 @@ def _entry_and_weights(model: str | Path, weights: str | Path | None) -> tuple[M
     return get_model_entry(name), path if weights is None else Path(weights)
 
 
+def model_entry(model: str | Path) -> ModelEntry:
+    """The registry entry a name or a checkpoint folder stands for, without reading any weights (e.g. to
+    check a model's ``task`` before loading it)."""
+    return _entry_and_weights(model, None)[0]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``device`` as a ``torch.device`` that exists here; ``"auto"`` is CUDA, else MPS, else the CPU.
+
+    Raises:
+        BadConfigError: an unknown device name, or one this machine does not have.
+    """
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return _check_device(device)
+
+
+def check_load(
+    model: str | Path, weights: str | Path | None = None, device: str | torch.device = "cpu", **options: Any
+) -> tuple[ModelEntry, Any, torch.device]:
+    """Everything :func:`load` checks before it reads any weights: the name (or checkpoint folder), the
+    weights path, the family's options and the device. Returns ``(entry, parsed options, device)``."""
+    entry, _ = _entry_and_weights(model, weights)
+    if weights is not None and not Path(weights).expanduser().exists():
+        raise MissingWeightsError(f"checkpoint not found: {weights}", hint="Check the path you passed.")
+    parsed = get_family(entry.family).parse_options(options)
+    return entry, parsed, resolve_device(device)
+
+
 def load(
     model: str | Path, weights: str | Path | None = None, device: str | torch.device = "cpu", **options: Any
 ) -> Any:
@@ -79,7 +112,7 @@ def load(
         model: registry name (``langseg models``), ``family:...`` name (e.g. ``naclip:ViT-L-14/openai``),
             or a checkpoint folder / ``.safetensors`` file whose ``config.json`` names the model.
         weights: a local weights file or folder to use instead of the entry's own weights.
-        device: where the model runs.
+        device: where the model runs (``"auto"``: CUDA, else MPS, else the CPU).
         options: the family's predictor options (``langseg.zoo.lseg.LSegOptions``,
             ``langseg.zoo.vlt.VLTOptions``, ``langseg.zoo.dense_clip.DenseClipOptions``); an option the
             family does not take is a :class:`BadConfigError` naming the ones it does.
@@ -87,7 +120,7 @@ def load(
     entry, local = _entry_and_weights(model, weights)
     family = get_family(entry.family)
     parsed = family.parse_options(options)  # before any weights are read
-    return family.load_predictor(entry, local, _check_device(device), parsed)
+    return family.load_predictor(entry, local, resolve_device(device), parsed)
 
 
 def create_model(

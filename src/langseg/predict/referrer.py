@@ -125,7 +125,9 @@ class Referrer(Predictor):
 
     def _image_features(self) -> object:
         if self._features is None:
-            self._features = self.model.encode_image(self._input)
+            weight = next(self.model.parameters(), None)  # bf16 weights take bf16 inputs
+            images = self._input if weight is None else self._input.to(weight.dtype)
+            self._features = self.model.encode_image(images)
             self.image_encodings += 1
         return self._features
 

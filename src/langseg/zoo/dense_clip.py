@@ -37,6 +37,7 @@ from langseg.registry import (
     register_model,
     register_resolver,
 )
+from langseg.zoo.options import as_float_dtype
 
 # The 80 prompt templates of CLIP's ImageNet zero-shot classifier (Radford et al. 2021), which NACLIP,
 # SCLIP and ClearCLIP ensemble for every class name. "{}" stands for the label.
@@ -92,9 +93,6 @@ MODE_DEFAULTS: dict[str, ModeDefaults] = {
 }
 
 
-_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 @dataclass(frozen=True)
 class DenseClipOptions:
     """What ``langseg.load("naclip-...", **options)`` takes; ``None`` takes the mode's :data:`MODE_DEFAULTS`.
@@ -110,7 +108,8 @@ class DenseClipOptions:
         mean, std: normalisation (default: the pretrained tag's, else CLIP's).
         max_labels: refuse larger label sets.
         cache_dir: open_clip/Hugging Face cache to read and fill.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` weights (converted, no autocast).
+        dtype: weight dtype, ``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype`` (the
+            weights are converted; no autocast, which was slower on CPU).
         quick_gelu: override the activation (default: the tag's, e.g. QuickGELU for OpenAI weights).
     """
 
@@ -128,15 +127,12 @@ class DenseClipOptions:
     std: Sequence[float] | None = None
     max_labels: int = 1024
     cache_dir: str | Path | None = None
-    precision: str = "fp32"
+    dtype: str | torch.dtype = "float32"
     quick_gelu: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "templates", check_templates(self.templates))
-        if self.precision not in _PRECISIONS:
-            raise BadConfigError(
-                f"unknown precision {self.precision!r}", hint=f"Choose one of {', '.join(_PRECISIONS)}."
-            )
+        object.__setattr__(self, "dtype", as_float_dtype(self.dtype))
         numbers = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in ("short_side", "crop", "stride", "batch_size", "max_labels", "pamr_iterations"):
             value = numbers[name]
@@ -235,7 +231,8 @@ def _open_clip_with_weights(
     if quick_gelu is None:
         config = open_clip.get_model_config(arch) or {}
         quick_gelu = bool(tag_cfg.get("quick_gelu", config.get("quick_gelu", False)))
-    return create_open_clip(arch, str(checkpoint), quick_gelu, _PRECISIONS[options.precision]), tag_cfg
+    model = create_open_clip(arch, str(checkpoint), quick_gelu, options.dtype)  # type: ignore[arg-type]
+    return model, tag_cfg
 
 
 def load_predictor(

@@ -25,10 +25,10 @@ from langseg.predict.images import HALF_MEAN, HALF_STD
 from langseg.predict.segmenter import Preprocess, Segmenter
 from langseg.predict.tta import PAPER_SCALES, InferencePlan
 from langseg.registry import Family, ModelEntry, WeightsSpec, register_family, register_model
+from langseg.zoo.options import as_float_dtype
 
 LSEG_TOKENIZER = "ViT-B-32"
 PLAN_NAMES = ("single", "paper", "native")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def lseg_plan(name: str) -> InferencePlan:
@@ -81,14 +81,7 @@ class LSegOptions:
             lseg_plan(self.plan)  # raises on unknown names
         elif self.plan is not None and not isinstance(self.plan, InferencePlan):
             raise BadConfigError(f"plan must be a name or an InferencePlan, got {type(self.plan).__name__}")
-        if isinstance(self.dtype, str):
-            if self.dtype not in _DTYPES:
-                raise BadConfigError(
-                    f"unknown dtype {self.dtype!r}", hint=f"Use one of {', '.join(_DTYPES)}."
-                )
-            object.__setattr__(self, "dtype", _DTYPES[self.dtype])
-        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
-            raise BadConfigError(f"dtype must be a float dtype such as torch.bfloat16, got {self.dtype!r}")
+        object.__setattr__(self, "dtype", as_float_dtype(self.dtype))
         for name in ("max_labels", "text_cache_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

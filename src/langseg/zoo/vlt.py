@@ -20,6 +20,7 @@ from langseg.predict.images import IMAGENET_MEAN, IMAGENET_STD, UNIT_MEAN, UNIT_
 from langseg.predict.referrer import UPSAMPLE, Letterbox, Referrer
 from langseg.predict.tokenizers import Tokenizer, Vocab, tokenizer_from_config
 from langseg.registry import Family, ModelEntry, WeightsSpec, register_family, register_model
+from langseg.zoo.options import as_float_dtype
 
 # Weights that ship inside the package (langseg/weights/<name>/), checked by digest when loaded.
 VLT_SHAPES_SHA256 = "ec56cbfe72af4bc4f9b116e68e1f117b5330d0c522947fdf449d21213b8b7a54"
@@ -32,12 +33,16 @@ class VLTOptions:
     Attributes:
         threshold: foreground when the sigmoid probability exceeds it (official 0.35).
         upsample: resize the ``"logits"`` (default) or the ``"probability"`` (official) to the image.
+        dtype: weight dtype (``"float32"``, ``"bfloat16"``, ``"float16"`` or a ``torch.dtype``); inputs
+            are cast to it, probabilities come back float32.
     """
 
     threshold: float = THRESHOLD
     upsample: str = "logits"
+    dtype: str | torch.dtype = "float32"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", as_float_dtype(self.dtype))
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
             raise BadConfigError(f"threshold must be a number in (0, 1), got {self.threshold!r}")
         if not 0.0 < self.threshold < 1.0:
