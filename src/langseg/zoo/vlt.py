@@ -112,7 +112,7 @@ def load_predictor(
     pre = {**entry.preprocess, **config.get("preprocess", {})}
     letterbox = Letterbox(mean=tuple(pre.get("mean", UNIT_MEAN)), std=tuple(pre.get("std", UNIT_STD)))
     return Referrer(
-        model,
+        model.to(dtype=options.dtype),  # type: ignore[arg-type]
         tokenizer,
         letterbox=letterbox,
         device=device,
