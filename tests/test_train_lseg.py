@@ -52,9 +52,11 @@ def test_lseg_learns_shapeworld_colours(tmp_path: Path) -> None:
     result = fit(config)
     # The exported model, loaded as a predictor, scores the held-out scenes exactly as training did.
     folder = export_checkpoint(config, "auto", tmp_path / "model")
-    scores = evaluate(
-        langseg.load(folder), build_dataset(config.val_data.name, config.val_data.kwargs), progress=False
-    )
+    # It records its training resolution as the plan: every image is resized to 64 px (long side).
+    assert json.loads((folder / "config.json").read_text())["predict"]["plan"] == {"base_size": 64}
+    predictor = langseg.load(folder)
+    assert predictor.plan.base_size == 64 and predictor.preprocess.max_side == 64
+    scores = evaluate(predictor, build_dataset(config.val_data.name, config.val_data.kwargs), progress=False)
     assert scores["mIoU"] == pytest.approx(result.metrics["mIoU"], abs=1e-6)
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     losses = [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]

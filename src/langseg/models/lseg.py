@@ -202,6 +202,17 @@ LSEG_CONFIGS: dict[str, dict[str, Any]] = {
     },
 }
 
+# configs/lseg_shapes.yaml's network (the bundled lseg-shapes weights were trained by that recipe): the
+# tiny structure at 128 px with an 8-px convolutional patch stem, 96-wide ViT and 64-dim embeddings.
+LSEG_CONFIGS["lseg-shapes"] = {
+    **LSEG_CONFIGS["lseg-tiny"],
+    "vit_kwargs": {"img_size": 128, "patch_size": 8, "embed_dim": 96, "depth": 4, "num_heads": 3},
+    "widths": [24, 48, 96, 96],
+    "features": 48,
+    "embed_dim": 64,
+    "conv_stem": True,
+}
+
 # Text towers whose embedding space each variant was trained in (kwargs of ClipTextEncoder).
 # LSeg uses OpenAI's CLIP ViT-B/32, hence QuickGELU.
 TEXT_ENCODER_CONFIGS: dict[str, dict[str, Any]] = {
@@ -213,6 +224,15 @@ TEXT_ENCODER_CONFIGS: dict[str, dict[str, Any]] = {
         "embed_dim": 32,
         "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
     },
+}
+
+
+# lseg-shapes' text tower is trained jointly (no CLIP offline): 2 layers, 8 token positions.
+TEXT_ENCODER_CONFIGS["lseg-shapes"] = {
+    "model_name": None,
+    "quick_gelu": True,
+    "embed_dim": 64,
+    "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 
 
@@ -229,6 +249,11 @@ def lseg_vitb32_384(**kwargs: Any) -> LSegNet:
 def lseg_tiny(**kwargs: Any) -> LSegNet:
     """A tiny LSeg (4-block ViT, 16-wide decoder, 32-dim embeddings) for tests."""
     return LSegNet(**{**LSEG_CONFIGS["lseg-tiny"], **kwargs})
+
+
+def lseg_shapes(**kwargs: Any) -> LSegNet:
+    """The ``lseg-shapes`` network (``configs/lseg_shapes.yaml``), 41 ShapeWorld classes at 128 px."""
+    return LSegNet(**{**LSEG_CONFIGS["lseg-shapes"], **kwargs})
 
 
 class LSeg(nn.Module):

@@ -85,6 +85,7 @@ class LSegTrainModule(nn.Module):
         self._frozen_text: torch.Tensor | None = None
         # What export() records so that langseg.load() can rebuild the predictor (set by the builder).
         self.export_config: dict[str, Any] = {}
+        self.train_size: int | None = None  # the training resolution (crop or image side), if known
 
     def text_embeddings(self) -> torch.Tensor:
         """``K x D`` embeddings of every label (cached when the text tower is frozen)."""
@@ -114,8 +115,8 @@ class LSegTrainModule(nn.Module):
             "format": "langseg",
             "family": "lseg",
             **self.export_config,
-            # Trained at the dataset's resolution: predict on images as they come, not resized to 480.
-            "predict": {"plan": "native"},
+            # Trained at one resolution: every image is resized to it (long side), not to the paper's 480.
+            "predict": {"plan": {"base_size": self.train_size} if self.train_size else "native"},
             "labels": self.labels,
         }
         state = {
@@ -169,6 +170,7 @@ def build_lseg_semantic(config: TrainConfig) -> TaskParts:
         head_lr_mult=config.optim.head_lr_mult,
         ignore_index=config.data.ignore_index,
     )
+    module.train_size = config.data.crop_size or config.data.kwargs.get("size")
     module.export_config = {
         "model": entry.name,
         "variant": entry.name,

@@ -19,7 +19,15 @@ import torch
 
 from langseg.errors import BadConfigError, BadDataError, MissingWeightsError
 from langseg.hub import CONFIG_NAME, read_checkpoint, resolve_weights
-from langseg.models.lseg import LSEG_CONFIGS, LSeg, LSegNet, lseg_tiny, lseg_vitb32_384, lseg_vitl16_384
+from langseg.models.lseg import (
+    LSEG_CONFIGS,
+    LSeg,
+    LSegNet,
+    lseg_shapes,
+    lseg_tiny,
+    lseg_vitb32_384,
+    lseg_vitl16_384,
+)
 from langseg.models.text import ClipTextEncoder
 from langseg.predict.images import HALF_MEAN, HALF_STD
 from langseg.predict.segmenter import Preprocess, Segmenter
@@ -174,7 +182,7 @@ def lseg_segmenter(
     device: str | torch.device = "cpu",
     options: LSegOptions | None = None,
     *,
-    default_plan: str = "single",
+    default_plan: str | InferencePlan = "single",
     mean: tuple[float, float, float] = HALF_MEAN,
     std: tuple[float, float, float] = HALF_STD,
 ) -> Segmenter:
@@ -231,8 +239,11 @@ def load_predictor(
             f"{source} holds {config.get('variant')!r}, not {entry.name!r}",
             hint=f"Load it as langseg.load({str(source)!r}) (its config.json names the model).",
         )
-    # A model trained by langseg records the plan and normalisation it suits.
+    # A model trained by langseg records the plan and normalisation it suits: a name, or the fields of
+    # an InferencePlan (e.g. {"base_size": 128}: every image resized to the training resolution).
     plan = config.get("predict", {}).get("plan") or entry.plan or "single"
+    if isinstance(plan, dict):
+        plan = InferencePlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.items()})
     pre = {**entry.preprocess, **config.get("preprocess", {})}
     return lseg_segmenter(
         LSeg(net, text_encoder),
@@ -254,6 +265,8 @@ def load_network(entry: ModelEntry, weights: Path | None, **kwargs: Any) -> LSeg
     return rebuilt
 
 
+# Weights that ship inside the package (langseg/weights/lseg-shapes/), checked by digest when loaded.
+LSEG_SHAPES_SHA256: str | None = None
 _CONVERT_HINT = (
     "Convert the official checkpoint once (`langseg convert lseg-official demo_e200.ckpt lseg-vitl16/`, see "
     "docs/lseg.md), then langseg.load('lseg-vitl16/'); or pass weights='path/to/official.ckpt'."
@@ -273,6 +286,12 @@ for _name, _builder, _description, _weights in (
         WeightsSpec.convert(_CONVERT_HINT.replace("lseg-vitl16", "lseg-vitb32")),
     ),
     ("lseg-tiny", lseg_tiny, "LSeg architecture at toy size, random weights (tests)", None),
+    (
+        "lseg-shapes",
+        lseg_shapes,
+        "LSeg trained on ShapeWorld's 41 colour+shape classes, 128 px (weights ship with langseg)",
+        WeightsSpec.bundled(LSEG_SHAPES_SHA256),
+    ),
 ):
     assert _name in LSEG_CONFIGS
     register_model(
