@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "api": 5,
     "evaluate": 5,
     "train": 6,
+    "batch": 6,
     "__init__": 7,  # the package root: lazy re-exports of api and predict
     "cli": 8,
     "__main__": 9,
@@ -170,7 +171,9 @@ def test_import_langseg_and_the_cli_do_not_import_torch(code: str) -> None:
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("args", [["--help"], ["segment", "--help"], ["eval", "--help"], ["data", "shapes"]])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["segment", "--help"], ["refer", "--help"], ["eval", "--help"], ["data", "shapes"]]
+)
 def test_cli_help_and_argument_errors_do_not_import_torch(args: list[str]) -> None:
     """``langseg --help``, a command's help and a missing argument answer without loading torch."""
     code = (

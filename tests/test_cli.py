@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 import langseg
+import langseg.cli
 from langseg.cli import main
 
 
@@ -35,6 +37,30 @@ def test_version_and_models(monkeypatch, capsys) -> None:
     assert code == 0
     names = langseg.list_models()
     assert all(name in out for name in names) if names else "No models registered" in out
+
+
+def test_models_says_where_weights_come_from_and_fits_80_columns(monkeypatch, capsys) -> None:
+    from langseg.hub import weights_available
+    from langseg.registry import model_entries
+
+    words = {
+        "bundled": "bundled with langseg",
+        "open_clip": "open_clip download",
+        "convert": "convert official ckpt",
+        None: "none",
+    }
+    for width in (80, 160):
+        monkeypatch.setattr(langseg.cli, "console", Console(width=width, force_terminal=False))
+        code, out, _ = run_cli(monkeypatch, capsys, "models")
+        assert code == 0 and max(len(line) for line in out.splitlines()) <= width
+        rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") >= 5}
+        for entry in model_entries():
+            row = rows[entry.name].split("│")
+            kind = entry.weights.kind if entry.weights is not None else None
+            assert row[3].strip().startswith(words[kind]), row
+            assert row[4].strip() == ("yes" if weights_available(entry.weights, entry.name) else "no")
+        assert ("┃ description" in out) == (width >= 120)
+    assert rows["vlt-shapes"].split("│")[4].strip() == "yes"  # bundled, so here on every machine
 
 
 def test_data_shapes_writes_the_documented_layout(monkeypatch, capsys, tmp_path: Path) -> None:

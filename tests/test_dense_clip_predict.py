@@ -414,17 +414,22 @@ def test_cli_segment_writes_overlay_and_mask(ckpt, tmp_path, monkeypatch, capsys
     Image.fromarray(photo(90, 120)).save(tmp_path / "photo.png")
     args = ["segment", str(tmp_path / "photo.png"), "--model", f"naclip:{TINY}", "--weights", str(ckpt["pt"])]
     monkeypatch.chdir(tmp_path)
-    code, out, err = run_cli(
-        monkeypatch, capsys, *args, "--labels", "cat, sofa; couch,other", "--mask", "m.png"
-    )
+    code, out, err = run_cli(monkeypatch, capsys, *args, "--labels", "cat, sofa; couch,other", "--out", "res")
     assert code == 0, err
-    overlay, mask = Image.open(tmp_path / "photo.overlay.png"), np.array(Image.open(tmp_path / "m.png"))
-    assert overlay.size == (120, 90) and mask.shape == (90, 120)
+    overlay, mask = (
+        Image.open(tmp_path / "res/photo.overlay.png"),
+        Image.open(tmp_path / "res/photo.mask.png"),
+    )
+    assert overlay.size == (120, 90) and mask.size == (120, 90) and mask.mode == "P"
     expected = langseg.load(f"naclip:{TINY}", weights=ckpt["pt"]).segment(tmp_path / "photo.png", LABELS)
-    assert np.array_equal(mask, expected.mask)
+    assert np.array_equal(np.asarray(mask), expected.mask)
+    record = json.loads((tmp_path / "res/photo.json").read_text())
+    assert record["labels"] == ["cat", "sofa", "other"] and record["model"] == f"naclip:{TINY}"
     assert all(label in out for label in expected.areas()) and "%" in out
 
-    code, _, err = run_cli(monkeypatch, capsys, *args, "--labels", "cat", "--out", "new.png")
+    code, _, err = run_cli(monkeypatch, capsys, *args, "--labels", "cat", "--out", "new")
     assert code == 2 and "one label" in err and "hint:" in err and "Traceback" not in err
-    code, _, err = run_cli(monkeypatch, capsys, *args, "--labels", "cat,other")  # overlay exists
-    assert code == 2 and "already exists" in err
+    code, _, err = run_cli(
+        monkeypatch, capsys, *args, "--labels", "cat,other", "--out", "res"
+    )  # outputs exist
+    assert code == 2 and "exist already" in err

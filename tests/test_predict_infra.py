@@ -14,6 +14,8 @@ from PIL import Image
 from langseg.errors import BadImageError
 from langseg.predict import (
     InferencePlan,
+    ReferringResult,
+    ReferringSet,
     SegmentationResult,
     load_image,
     run_plan,
@@ -21,7 +23,7 @@ from langseg.predict import (
     upsample_argmax,
 )
 from langseg.predict.tta import window_starts
-from langseg.viz import overlay, palette
+from langseg.viz import draw_legend, fit_legend, overlay, palette, palette_image, voc_colours
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
@@ -202,4 +204,95 @@ def test_palette_is_distinct_and_overlay_blends() -> None:
     assert np.array_equal(out[0, 1], np.round(0.75 * 100 + 0.25 * colours[1].astype(float)).astype(np.uint8))
     result = SegmentationResult(mask=mask, labels=["a", "b", "c"], image=image)
     assert result.areas() == {"a": 0.5, "b": 0.5}
-    assert result.overlay().size == (2, 2) and result.legend().size[1] > 0
+    assert result.overlay().size == (2, 2)
+
+
+def voc_reference(index: int) -> tuple[int, int, int]:
+    """PASCAL VOC's colormap, written out from the devkit's bit rule (bit 3j+c of the index -> bit 7-j
+    of channel c)."""
+    rgb = [0, 0, 0]
+    for j in range(8):
+        for c in range(3):
+            rgb[c] |= ((index >> (3 * j + c)) & 1) << (7 - j)
+    return rgb[0], rgb[1], rgb[2]
+
+
+def test_colours_are_voc_labels_from_one() -> None:
+    assert [tuple(c) for c in voc_colours(5)] == [
+        (0, 0, 0),
+        (128, 0, 0),
+        (0, 128, 0),
+        (128, 128, 0),
+        (0, 0, 128),
+    ]
+    assert [tuple(int(v) for v in c) for c in voc_colours(400)] == [voc_reference(i) for i in range(400)]
+    # Semantic labels skip black: label k is VOC colour k + 1.
+    assert np.array_equal(palette(300), voc_colours(301)[1:])
+
+
+def test_palette_png_keeps_indices_and_shows_colours(tmp_path: Path) -> None:
+    mask = RNG.integers(0, 7, size=(9, 11))
+    colours = palette(7)
+    palette_image(mask, colours).save(tmp_path / "m.png")
+    back = Image.open(tmp_path / "m.png")
+    assert back.mode == "P" and np.array_equal(np.asarray(back), mask)
+    assert np.array_equal(np.asarray(back.convert("RGB")), colours[mask])  # what a viewer shows
+    big = np.arange(12).reshape(3, 4) * 50  # indices over 255: 16-bit, values intact
+    palette_image(big, palette(600)).save(tmp_path / "big.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "big.png")).astype(int), big)
+
+
+def test_legend_fits_inside_the_picture_and_shows_each_colour() -> None:
+    picture = Image.fromarray(np.full((120, 160, 3), 255, np.uint8))
+    colours = palette(3)
+    items = [(name, colours[i]) for i, name in enumerate(["red circle 40.0%", "sky 35.5%", "other 24.5%"])]
+    drawn = np.asarray(draw_legend(picture, items))
+    assert drawn.shape == (120, 160, 3)
+    present = {tuple(p) for p in drawn.reshape(-1, 3)}
+    assert all(tuple(int(v) for v in c) in present for c in colours)  # each swatch in its own colour
+    changed = np.argwhere((drawn != 255).any(-1))
+    assert changed[:, 0].min() > 60 and changed[:, 1].min() > 40  # bottom-right corner only
+    for width, height in ((64, 64), (32, 24), (640, 480)):
+        size, texts = fit_legend(["the large circle on the left (0.93, 4.1%)"] * 6, width, height)
+        assert 6 <= size <= 28 and 1 <= len(texts) <= 6
+        drawn = draw_legend(
+            Image.new("RGB", (width, height)), list(zip(texts, palette(len(texts)), strict=True))
+        )
+        assert drawn.size == (width, height)
+
+
+def test_label_scores_are_mean_probabilities_of_each_labels_pixels() -> None:
+    scores = RNG.random((3, 6, 5)).astype(np.float32)
+    scores /= scores.sum(0, keepdims=True)
+    mask = scores.argmax(0)
+    result = SegmentationResult(
+        mask=mask, labels=["a", "b", "c"], image=np.zeros((6, 5, 3), np.uint8), scores=scores
+    )
+    expected = {
+        name: float(np.mean([scores[k, y, x] for y, x in np.argwhere(mask == k)]))
+        for k, name in enumerate("abc")
+        if (mask == k).any()
+    }
+    assert result.label_scores() == pytest.approx(expected)
+    record = result.to_dict()
+    assert [s["score"] for s in record["segments"]] == pytest.approx(list(expected.values()))
+    assert [s["index"] for s in record["segments"]] == [k for k, n in enumerate("abc") if n in expected]
+    assert (
+        "score"
+        not in SegmentationResult(mask=mask, labels=list("abc"), image=result.image).to_dict()["segments"][0]
+    )
+
+
+def test_referring_set_gives_overlaps_to_the_surer_expression() -> None:
+    image = np.zeros((1, 4, 3), np.uint8)
+    first = ReferringResult(np.array([[1, 1, 0, 0]], bool), 0.9, "a", image, np.array([[0.9, 0.5, 0.1, 0.2]]))
+    second = ReferringResult(
+        np.array([[0, 1, 1, 0]], bool), 0.8, "b", image, np.array([[0.1, 0.7, 0.8, 0.2]])
+    )
+    both = ReferringSet([first, second])
+    assert both.mask.tolist() == [[1, 2, 2, 0]]  # pixel 1: b is surer (0.7 > 0.5); pixel 3: nothing
+    first.scores = second.scores = None
+    assert ReferringSet([first, second]).mask.tolist() == [[1, 1, 2, 0]]  # no scores: the earlier one
+    record = both.to_dict()
+    assert [e["index"] for e in record["expressions"]] == [1, 2] and record["texts"] == ["a", "b"]
+    assert both.mask_image().mode == "P" and both.overlay().size == (4, 1)

@@ -29,17 +29,23 @@ def _check_device(device: str | torch.device) -> torch.device:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as err:
-        raise BadConfigError(f"unknown device {device!r}", hint="Use cpu, cuda, cuda:1, mps, ...") from err
+        raise BadConfigError(
+            f"unknown device {device!r}",
+            hint="Use auto, cpu, cuda, cuda:1 or mps (--device on the command line).",
+        ) from err
     if resolved.type == "cuda" and (
         not torch.cuda.is_available() or (resolved.index or 0) >= torch.cuda.device_count()
     ):
         found = torch.cuda.device_count() if torch.cuda.is_available() else 0
         raise BadConfigError(
             f"device {device!r} is not available: this machine has {found} CUDA device(s)",
-            hint="Use device='cpu' (or a CUDA index below the device count).",
+            hint="Use the CPU (device='cpu', --device cpu), or a CUDA index below the device count.",
         )
     if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise BadConfigError(f"device {device!r} is not available on this machine", hint="Use device='cpu'.")
+        raise BadConfigError(
+            f"device {device!r} is not available on this machine",
+            hint="Use the CPU (device='cpu', --device cpu).",
+        )
     return resolved
 
 

@@ -7,7 +7,9 @@ without a traceback, and exit with status 2, the same status click uses for usag
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -48,6 +50,18 @@ def version() -> None:
     )
 
 
+def weights_source(spec: Any) -> str:
+    """Where a registry entry's weights come from, in words (for ``langseg models``)."""
+    if spec is None:
+        return "none (random init)"
+    return {
+        "bundled": "bundled with langseg",
+        "open_clip": "open_clip download",
+        "hub": "download",
+        "convert": "convert official ckpt",
+    }.get(spec.kind, str(spec.kind))
+
+
 @app.command()
 def models(
     task: str | None = typer.Option(None, help="Only models for this task: semantic or referring."),
@@ -61,14 +75,18 @@ def models(
     if not entries:
         console.print("No models registered" + (f" for task {task!r}." if task else "."))
         return
-    table = Table("name", "task", "family", "weights", "local", "description")
+    # Narrow terminals get the four columns that matter; the descriptions need ~120 columns.
+    wide = console.width >= 120
+    table = Table("name", "task", "weights", "here", *(("family", "description") if wide else ()))
     for e in entries:
-        weights = "-" if e.weights is None else (e.weights.repo or e.weights.kind or "-")
-        if e.weights is not None and e.weights.kind == "open_clip":
-            weights = f"open_clip {e.weights.arch}/{e.weights.tag}"
-        local = "yes" if weights_available(e.weights, e.name) else "no"
-        table.add_row(e.name, e.task, e.family, weights, local, e.description)
+        source = weights_source(e.weights)
+        if wide and e.weights is not None and e.weights.kind == "open_clip":
+            source = f"{source} ({e.weights.arch}/{e.weights.tag})"
+        here = "yes" if weights_available(e.weights, e.name) else "no"
+        table.add_row(e.name, e.task, source, here, *((e.family, e.description) if wide else ()))
     console.print(table)
+    if not wide:
+        console.print("(a wider terminal also shows each model's family and description)", style="dim")
 
 
 @data_app.command("shapes")
@@ -145,49 +163,110 @@ def convert_lseg(
     console.print(f"converted {ckpt} to {folder}; load it with langseg.load({str(folder)!r})")
 
 
+class OutputFormat(str, Enum):
+    """What ``segment`` and ``refer`` write per image."""
+
+    png = "png"
+    json = "json"
+    both = "both"
+
+
+class DType(str, Enum):
+    """The dtype a model's weights run in."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+IMAGES_HELP = "Image files, folders (their images, not recursive) or quoted globs such as 'scenes/*.png'."
+OUT_HELP = "Folder for the outputs: STEM.overlay.png, STEM.mask.png (palette PNG) and STEM.json per image."
+FORMAT_HELP = "png: overlay and mask; json: the JSON sidecar (areas, scores, COCO RLE masks); both."
+DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."
+
+
 @app.command()
 def segment(
-    image: Path = typer.Argument(..., help="Image file to segment."),
+    images: list[Path] = typer.Argument(..., help=IMAGES_HELP, show_default=False),
     labels: str = typer.Option(
-        ..., "--labels", help='Comma-separated labels, e.g. "cat,sofa,other"; join synonyms with ";".'
+        ..., "--labels", help='Comma-separated labels, e.g. "cat, sofa, other"; join synonyms with ";".'
     ),
-    model: str = typer.Option("naclip-vit-b16", "--model", help="Registered name, or mode:ARCH/TAG."),
+    model: str = typer.Option(
+        "naclip-vit-b16", "--model", help="Semantic model: name, folder, mode:ARCH/TAG."
+    ),
     weights: Path | None = typer.Option(None, "--weights", help="Local checkpoint to use instead."),
-    out: Path | None = typer.Option(None, "--out", help="Overlay PNG (default: ./IMAGE_STEM.overlay.png)."),
-    mask: Path | None = typer.Option(None, "--mask", help="Also write the label-index mask PNG here."),
+    out: Path = typer.Option(Path("langseg_out"), "--out", help=OUT_HELP),
+    fmt: OutputFormat = typer.Option(OutputFormat.both, "--format", help=FORMAT_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that exist already."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: DType = typer.Option(DType.float32, "--dtype", help="Weights dtype."),
     background_threshold: float | None = typer.Option(
         None, "--background-threshold", help="Pixels less sure than this go to 'background'/'other'."
     ),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
 ) -> None:
-    """Segment IMAGE into free-text labels; write the overlay (and mask) PNG and print label areas."""
-    import numpy as np
-    from PIL import Image
+    """Segment images into free-text labels: an overlay with a legend, a palette mask and a JSON each."""
+    prompts = [part.strip() for part in labels.split(",")]
+    options = {"model": model, "weights": weights, "device": device, "options": {"dtype": dtype.value}}
+    _run_images("semantic", images, prompts, out, fmt.value, overwrite, background_threshold, **options)
 
-    import langseg
-    from langseg.errors import OutputError
 
-    out = out or Path(f"{image.stem}.overlay.png")
-    for target in (out, mask):
-        if target is not None and target.exists() and not overwrite:
-            raise OutputError(f"{target} already exists", hint="Choose another path, or pass --overwrite.")
-    segmenter = langseg.load(model, weights=weights, device=device)
-    result = segmenter.segment(
-        image, labels=[part.strip() for part in labels.split(",")], background_threshold=background_threshold
+@app.command()
+def refer(
+    images: list[Path] = typer.Argument(..., help=IMAGES_HELP, show_default=False),
+    texts: list[str] = typer.Option(
+        ..., "--text", help='An expression, e.g. "the large circle on the left"; repeat for more.'
+    ),
+    model: str = typer.Option("vlt-shapes", "--model", help="Referring model name or folder."),
+    weights: Path | None = typer.Option(None, "--weights", help="Local checkpoint to use instead."),
+    out: Path = typer.Option(Path("langseg_out"), "--out", help=OUT_HELP),
+    fmt: OutputFormat = typer.Option(OutputFormat.both, "--format", help=FORMAT_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that exist already."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    dtype: DType = typer.Option(DType.float32, "--dtype", help="Weights dtype."),
+) -> None:
+    """Segment the objects expressions describe: each expression's mask in its own colour per image."""
+    options = {"model": model, "weights": weights, "device": device, "options": {"dtype": dtype.value}}
+    _run_images("referring", images, list(texts), out, fmt.value, overwrite, None, **options)
+
+
+def _run_images(
+    task: str,
+    images: list[Path],
+    prompts: list[str],
+    out: Path,
+    fmt: str,
+    overwrite: bool,
+    background_threshold: float | None,
+    **model: Any,
+) -> None:
+    """Check everything, load the model (with a status line), run the batch, print the summary; exit
+    status 1 if any image failed."""
+    from langseg.batch import check_job, load_predictor, run_batch
+
+    job = check_job(
+        task, images, prompts, out_dir=out, fmt=fmt, overwrite=overwrite,
+        background_threshold=background_threshold, **model,
+    )  # fmt: skip
+    with err_console.status(f"loading {job.model} on {job.device}", spinner="dots"):
+        predictor = load_predictor(job)
+    summary = run_batch(predictor, job, console=err_console)
+    if len(summary.written) == 1:
+        table = Table("expression" if task == "referring" else "label", "area", "score")
+        for name, share, score in summary.areas[summary.written[0]]:
+            table.add_row(name, f"{100 * share:.1f}%", "-" if score is None else f"{score:.2f}")
+        console.print(table)
+    rate = f"{summary.images_per_second:.1f} images/s" if summary.written else "no images"
+    console.print(
+        f"wrote {len(summary.written)} of {summary.total} images to {out} ({len(summary.files)} files, "
+        f"{summary.seconds:.1f} s, {rate})",
+        highlight=False,
     )
-    try:
-        result.overlay().save(out)
-        if mask is not None:  # 8-bit PNG up to 256 labels, else 16-bit
-            dtype = np.uint8 if len(result.labels) <= 256 else np.uint16
-            Image.fromarray(result.mask.astype(dtype)).save(mask)
-    except OSError as err:
-        raise OutputError(f"cannot write the output: {err}") from err
-    table = Table("label", "area")
-    for label, share in sorted(result.areas().items(), key=lambda item: -item[1]):
-        table.add_row(label, f"{100 * share:.1f}%")
-    console.print(table)
-    console.print(f"wrote {out}" + (f" and {mask}" if mask is not None else ""))
+    if summary.failed:
+        table = Table("image", "why it failed", title=f"{len(summary.failed)} image(s) failed")
+        for image, reason in summary.failed:
+            table.add_row(str(image), reason)
+        err_console.print(table)
+        raise typer.Exit(1)
 
 
 def print_error(err: LangsegError) -> None:

@@ -1,59 +1,148 @@
-"""Palettes, overlays and legends for segmentation results."""
+"""Palettes, overlays, legends and palette PNGs: the one place that wraps imgviz.
+
+Colours are PASCAL VOC's label colormap (``imgviz.label_colormap``), so masks look like the VOC masks
+every segmentation tool shows: index 0 is black, 1 dark red, 2 dark green, ... Semantic labels are all
+things a user named, so none of them should be black: label ``k`` takes VOC colour ``k + 1``
+(:func:`palette`). Referring masks keep VOC's meaning of 0 (nothing referred): expression ``k`` (from 1)
+takes VOC colour ``k`` (:func:`voc_colours`). Either way the first thing named is red, the second green.
+"""
 
 from __future__ import annotations
 
-import colorsys
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
 
+import imgviz
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+
+LegendItem = tuple[str, Sequence[int]]  # (text, RGB colour)
+MIN_FONT, MAX_FONT = 6, 28
 
 
-def palette(num_colours: int) -> np.ndarray:
-    """``num_colours x 3`` uint8 colours, well separated and the same for every call.
-
-    Hues follow the golden-angle sequence (neighbouring indices get distant hues) at alternating
-    saturation/value, so even a few hundred labels stay distinguishable from their neighbours.
-    """
-    colours = np.zeros((num_colours, 3), dtype=np.uint8)
-    for i in range(num_colours):
-        hue = (i * 0.618033988749895) % 1.0
-        saturation = (0.85, 0.55, 0.95)[i % 3]
-        value = (0.95, 0.75, 0.6)[(i // 3) % 3]
-        colours[i] = np.round(np.array(colorsys.hsv_to_rgb(hue, saturation, value)) * 255)
+def voc_colours(num_colours: int) -> np.ndarray:
+    """``num_colours x 3`` uint8 VOC colours (index 0 black); beyond imgviz's 256 the same bit pattern
+    continues, so every index up to ``2**24`` keeps its own colour."""
+    if num_colours <= 256:
+        return np.array(imgviz.label_colormap()[:num_colours])
+    # VOC's rule: bit 3j (+1, +2) of the index becomes bit 7 - j of red (green, blue).
+    index = np.arange(num_colours)
+    colours = np.zeros((num_colours, 3), np.uint8)
+    for j in range(8):
+        for channel in range(3):
+            colours[:, channel] |= (((index >> (3 * j + channel)) & 1) << (7 - j)).astype(np.uint8)
     return colours
 
 
-def colourise(mask: np.ndarray, colours: np.ndarray | None = None) -> np.ndarray:
-    """``H x W x 3`` uint8 picture of an ``H x W`` class map (classes index ``colours``)."""
-    colours = palette(int(mask.max()) + 1) if colours is None else colours
-    return colours[mask]
+def palette(num_labels: int) -> np.ndarray:
+    """``num_labels x 3`` uint8 colours for semantic labels: label ``k`` takes VOC colour ``k + 1``."""
+    return voc_colours(num_labels + 1)[1:]
 
 
 def overlay(
     image: np.ndarray, mask: np.ndarray, colours: np.ndarray | None = None, alpha: float = 0.5
 ) -> Image.Image:
-    """Class map blended over the ``H x W x 3`` uint8 image; ``alpha`` is the weight of the colours.
+    """Class map blended over the ``H x W x 3`` uint8 image (``alpha`` is the weight of the colours).
 
-    A boolean mask is drawn in one colour over the untouched image, as for a referring result.
+    ``mask`` (``H x W`` ints) indexes ``colours`` (default :func:`palette`). A boolean mask is drawn in
+    one colour (``colours[0]``, default red) over the untouched image, as for one referring result.
     """
-    base = image.astype(np.float32)
     if mask.dtype == np.bool_:
-        colour = np.array([255, 40, 40] if colours is None else colours[0], dtype=np.float32)
-        out = base.copy()
-        out[mask] = (1 - alpha) * base[mask] + alpha * colour
-    else:
-        out = (1 - alpha) * base + alpha * colourise(mask, colours).astype(np.float32)
-    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
+        colour = palette(1)[0] if colours is None else np.asarray(colours)[0]
+        colormap = np.stack([np.zeros(3, np.uint8), np.asarray(colour, np.uint8)])
+        blended = imgviz.label2rgb(mask.astype(np.int32), image, alpha={0: 0.0, 1: alpha}, colormap=colormap)
+        return Image.fromarray(blended)
+    colours = palette(int(mask.max()) + 1) if colours is None else np.asarray(colours, np.uint8)
+    return Image.fromarray(imgviz.label2rgb(mask, image, alpha=alpha, colormap=colours))
 
 
-def legend(labels: list[str], colours: np.ndarray | None = None, row_height: int = 18) -> Image.Image:
-    """A small image listing each label next to its colour swatch."""
-    colours = palette(len(labels)) if colours is None else colours
-    width = 24 + 7 * max((len(label) for label in labels), default=1)
-    canvas = Image.new("RGB", (width, row_height * max(len(labels), 1) + 4), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, label in enumerate(labels):
-        top = 2 + i * row_height
-        draw.rectangle((2, top + 2, 16, top + row_height - 3), fill=tuple(int(c) for c in colours[i]))
-        draw.text((22, top + 3), label, fill="black")
-    return canvas
+def overlay_without(
+    image: np.ndarray, mask: np.ndarray, colours: np.ndarray, alpha: float = 0.5, skip: int = 0
+) -> Image.Image:
+    """Like :func:`overlay`, but pixels of class ``skip`` (e.g. 0 = nothing referred) stay untouched."""
+    weights = {int(k): (0.0 if k == skip else alpha) for k in range(len(colours))}
+    return Image.fromarray(imgviz.label2rgb(mask, image, alpha=weights, colormap=np.asarray(colours)))
+
+
+@lru_cache(maxsize=256)
+def _text_size(text: str, size: int) -> tuple[int, int]:
+    """(height, width) of ``text`` in imgviz's font at ``size`` px (cached: imgviz reloads the font)."""
+    height, width = imgviz.draw.text_size(text, size)
+    return int(height), int(width)
+
+
+def _text_width(text: str, size: int) -> int:
+    """Width of ``text`` at ``size`` px. imgviz's font is monospaced, so ASCII text is a character's
+    width times its length: no per-text measuring for texts that change with every image."""
+    if text.isascii():
+        return -(-len(text) * _text_size("M" * 100, size)[1] // 100)  # ceiling
+    return _text_size(text, size)[1]
+
+
+def _legend_size(texts: Sequence[str], size: int) -> tuple[int, int]:
+    """(height, width) imgviz's legend takes with its margin ``pad`` on each side (imgviz's layout)."""
+    row = _text_size("Mg|", size)[0]
+    pad = max(2, size // 6)
+    width = max((_text_width(t, size) for t in texts), default=0)
+    return row * len(texts) + 3 * pad, width + row + 4 * pad
+
+
+def _shorten(text: str, length: int) -> str:
+    return text if len(text) <= length else text[: max(1, length - 1)] + "…"
+
+
+def fit_legend(texts: Sequence[str], width: int, height: int) -> tuple[int, list[str]]:
+    """(font size, texts) for a legend inside a ``width x height`` image: the largest font up to ~1/20
+    of the short side that fits, then, at the smallest font, texts shortened with "…" and rows dropped
+    from the end ("+N more") until it fits."""
+    texts = list(texts)
+    start = int(np.clip(min(width, height) // 20, MIN_FONT + 4, MAX_FONT))
+    for size in range(start, MIN_FONT - 1, -1):
+        rows, cols = _legend_size(texts, size)
+        if rows <= height and cols <= width:
+            return size, texts
+    size = MIN_FONT
+    row_height = _legend_size(texts[:1], size)[0] - _legend_size([], size)[0] if texts else 0
+    fitting = max(1, (height - _legend_size([], size)[0]) // max(row_height, 1))
+    if fitting < len(texts):
+        texts = [*texts[: fitting - 1], f"+{len(texts) - fitting + 1} more"] if fitting > 1 else texts[:1]
+    length = max(len(t) for t in texts)
+    while length > 2 and _legend_size([_shorten(t, length) for t in texts], size)[1] > width:
+        length -= 1
+    return size, [_shorten(t, length) for t in texts]
+
+
+def draw_legend(picture: Image.Image, items: Sequence[LegendItem], loc: str = "rb") -> Image.Image:
+    """``picture`` with a legend (a colour swatch and a text per item) in corner ``loc`` (``lt``, ``rt``,
+    ``lb``, ``rb``), sized by :func:`fit_legend` to stay inside the picture."""
+    if not items:
+        return picture
+    size, texts = fit_legend([text for text, _ in items], picture.width, picture.height)
+    rows, cols = _legend_size(texts, size)
+    if rows > picture.height or cols > picture.width:  # too small for even one short row: no legend
+        return picture
+    colours = [tuple(int(c) for c in colour) for _, colour in items[: len(texts)]]
+    if len(texts) < len(items):  # the "+N more" row has no colour of its own
+        colours[-1] = (255, 255, 255)
+    rows = list(zip(texts, colours, strict=True))
+    drawn = imgviz.components.legend(np.asarray(picture), items=rows, font_size=size, loc=loc)
+    return Image.fromarray(drawn)
+
+
+def palette_image(mask: np.ndarray, colours: np.ndarray) -> Image.Image:
+    """``H x W`` class map as a VOC-style palette PNG image: PIL mode ``"P"``, pixel values the class
+    indices, ``colours[k]`` the colour of index ``k``. Over 256 classes cannot fit a palette: the
+    result is then a 16-bit grayscale image (mode ``"I;16"``) with the same index values."""
+    if int(mask.max(initial=0)) > 255 or len(colours) > 256:
+        return Image.fromarray(mask.astype(np.uint16))
+    image = Image.fromarray(mask.astype(np.uint8))  # mode "L"; putpalette makes it "P"
+    table = np.zeros((256, 3), np.uint8)
+    table[: len(colours)] = colours
+    image.putpalette(table.ravel().tolist())
+    return image
+
+
+def save_palette_png(mask: np.ndarray, colours: np.ndarray, path: str | Path) -> None:
+    """Write :func:`palette_image` of ``mask`` as a PNG at ``path``."""
+    palette_image(mask, colours).save(path, format="PNG")

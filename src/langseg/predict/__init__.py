@@ -5,10 +5,10 @@ describes) share one contract (:class:`~langseg.predict.base.Predictor`): ``.mod
 ``reset_image()``, images as paths, PIL images, arrays or tensors, and results with the same field names.
 """
 
-from langseg.predict.base import Predictor
+from langseg.predict.base import Predictor, PreparedImage
 from langseg.predict.images import load_image
 from langseg.predict.referrer import ExpressionWarning, Letterbox, Referrer
-from langseg.predict.results import ReferringResult, SegmentationResult, to_coco_rle
+from langseg.predict.results import ReferringResult, ReferringSet, SegmentationResult, to_coco_rle
 from langseg.predict.segmenter import Preprocess, Segmenter
 from langseg.predict.tta import InferencePlan, run_plan, sliding_window, upsample_argmax
 
@@ -17,9 +17,11 @@ __all__ = [
     "InferencePlan",
     "Letterbox",
     "Predictor",
+    "PreparedImage",
     "Preprocess",
     "Referrer",
     "ReferringResult",
+    "ReferringSet",
     "SegmentationResult",
     "Segmenter",
     "load_image",

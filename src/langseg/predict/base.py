@@ -5,9 +5,16 @@ image. ``set_image(image)`` loads and prepares it once (path, PIL image, numpy a
 :func:`~langseg.predict.images.load_image`), so that many prompts reuse its encoding;
 ``reset_image()`` forgets it. A prompt without an image, before any ``set_image``, raises
 :class:`~langseg.errors.ImageNotSetError` in every predictor.
+
+``set_image`` is ``set_prepared(prepare(image))``: :meth:`Predictor.prepare` (decode, resize, normalise)
+reads no predictor state, so a batch runs it for the next images in other threads while the network
+works on the current one.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +22,21 @@ from torch import nn
 
 from langseg.errors import ImageNotSetError
 from langseg.predict.images import ImageInput, load_image
+
+
+@dataclass
+class PreparedImage:
+    """An image made ready for one predictor's network.
+
+    Attributes:
+        image: the ``H x W x 3`` uint8 RGB original.
+        input: the network's input, ``1 x 3 x h x w`` normalised, on the predictor's device.
+        extra: what the predictor needs to map results back (e.g. a letterbox placement).
+    """
+
+    image: np.ndarray = field(repr=False)
+    input: torch.Tensor = field(repr=False)
+    extra: Any = None
 
 
 class Predictor:
@@ -42,10 +64,20 @@ class Predictor:
 
     def set_image(self, image: ImageInput) -> None:
         """Load and prepare ``image``; later calls without an image reuse its encoding."""
+        self.set_prepared(self.prepare(image))
+
+    def prepare(self, image: ImageInput) -> PreparedImage:
+        """``image`` loaded and turned into the network's input. Reads no predictor state (safe to call
+        from other threads while the predictor works)."""
         array = load_image(image)
+        with torch.no_grad():  # not inference_mode: the input stays an ordinary tensor for callers
+            return self._prepare(array)
+
+    def set_prepared(self, prepared: PreparedImage) -> None:
+        """Make ``prepared`` (from :meth:`prepare`) the current image."""
         self.reset_image()
-        self._image = array
-        self._prepare(array)
+        self._image = prepared.image
+        self._set_input(prepared)
 
     def reset_image(self) -> None:
         """Forget the current image and everything computed from it."""
@@ -57,8 +89,11 @@ class Predictor:
             raise ImageNotSetError(f"{type(self).__name__} has no image to work on")
         return self._image
 
-    # Subclasses: turn the image into model input / drop what was computed from it.
-    def _prepare(self, image: np.ndarray) -> None:
+    # Subclasses: turn the image into model input (no state) / adopt it / drop what was computed from it.
+    def _prepare(self, image: np.ndarray) -> PreparedImage:
+        raise NotImplementedError
+
+    def _set_input(self, prepared: PreparedImage) -> None:
         raise NotImplementedError
 
     def _forget(self) -> None:

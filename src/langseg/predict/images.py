@@ -48,6 +48,8 @@ def _open(path: Path) -> Image.Image:
         raise BadImageError(
             f"image file not found: {path}", hint="Check the path (and the working directory)."
         )
+    if path.stat().st_size == 0:
+        raise BadImageError(f"{path} is an empty file (0 bytes)", hint="Check how the file was written.")
     try:
         image = Image.open(path)
         image.load()
@@ -69,7 +71,7 @@ def _from_pil(image: Image.Image) -> np.ndarray:
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         return _from_array(np.asarray(image.convert("RGBA")))
     try:
-        return np.asarray(image.convert("RGB"))
+        return _from_array(np.asarray(image.convert("RGB")))  # a writable copy, as for the other modes
     except (ValueError, OSError) as err:
         raise BadImageError(f"cannot convert an image of mode {mode!r} to RGB") from err
 

@@ -26,6 +26,7 @@ sentence in another language), the model still runs, because a mask is still its
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,7 +37,7 @@ from torch import nn
 
 from langseg.errors import BadConfigError, BadExpressionError
 from langseg.models.vlt import THRESHOLD
-from langseg.predict.base import Predictor
+from langseg.predict.base import Predictor, PreparedImage
 from langseg.predict.images import UNIT_MEAN, UNIT_STD, ImageInput
 from langseg.predict.letterbox import PAD_VALUE, Placement, crop_to_image, letterbox
 from langseg.predict.results import ReferringResult
@@ -73,6 +74,51 @@ def foreground_probability(logits: torch.Tensor, place: Placement, upsample: str
     return torch.sigmoid(out) if upsample == "logits" else out.clamp(0.0, 1.0)
 
 
+def check_expression_text(text: Any) -> str:
+    """``text`` if it is a string with a word in it (the checks that need no model's vocabulary);
+    raises :class:`BadExpressionError`."""
+    if not isinstance(text, str):
+        raise BadExpressionError(f"an expression must be a string, got {type(text).__name__}")
+    if not text.strip():
+        raise BadExpressionError("the expression is empty")
+    if not split_words(text):
+        raise BadExpressionError(f"the expression {text!r} contains no words (letters)")
+    return text
+
+
+@dataclass
+class Expressions:
+    """Checked expressions and their token ids, computed once per set (:meth:`Referrer.expressions`).
+
+    Attributes:
+        texts: the ``B`` expressions; ``ids``, ``mask``: their ``B x L`` token ids and real-token mask.
+    """
+
+    texts: list[str]
+    ids: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class ReferringLogits:
+    """What :meth:`Referrer.infer` computed for one image, before :meth:`Referrer.finish`.
+
+    Attributes:
+        logits: ``B x h x w`` float32 output-grid logits, one per expression.
+        placement: where the image sits in the letterboxed input.
+        texts: the ``B`` expressions; ``image``: the ``H x W x 3`` uint8 original.
+        threshold, upsample: the predictor's settings; ``keep_scores``: keep per-pixel probabilities.
+    """
+
+    logits: torch.Tensor
+    placement: Placement
+    texts: list[str]
+    image: np.ndarray
+    threshold: float
+    upsample: str
+    keep_scores: bool = False
+
+
 class Referrer(Predictor):
     """Segment the object an expression refers to.
 
@@ -106,19 +152,23 @@ class Referrer(Predictor):
         self._input: torch.Tensor | None = None
         self._placement: Placement | None = None
         self._features: object = None
+        self._expressions: OrderedDict[tuple[str, ...], Expressions] = OrderedDict()
         self.image_encodings = 0  # encode_image calls, for tests and benchmarks
+        self.text_encodings = 0  # expression sets checked and tokenised
 
     # ------------------------------------------------------------------ image side
 
-    def _prepare(self, image: np.ndarray) -> None:
+    def _prepare(self, image: np.ndarray) -> PreparedImage:
         """``1 x 3 x S x S`` normalised input: the image resized (bicubic, as official) and centred."""
         box = self.letterbox
         pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device).permute(2, 0, 1)[None]
-        canvas, self._placement = letterbox(pixels.float() / 255.0, self.input_size, box.pad_value)
+        canvas, placement = letterbox(pixels.float() / 255.0, self.input_size, box.pad_value)
         mean = torch.tensor(box.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(box.std, device=self.device).view(1, 3, 1, 1)
-        self._input = (canvas - mean) / std
-        self._features = None
+        return PreparedImage(image, (canvas - mean) / std, placement)
+
+    def _set_input(self, prepared: PreparedImage) -> None:
+        self._input, self._placement, self._features = prepared.input, prepared.extra, None
 
     def _forget(self) -> None:
         self._input, self._placement, self._features = None, None, None
@@ -135,20 +185,14 @@ class Referrer(Predictor):
 
     def check_expression(self, text: Any) -> str:
         """``text`` if it can be segmented; raises :class:`BadExpressionError`, warns as documented."""
-        if not isinstance(text, str):
-            raise BadExpressionError(f"an expression must be a string, got {type(text).__name__}")
-        if not text.strip():
-            raise BadExpressionError("the expression is empty")
-        words = split_words(text)
-        if not words:
-            raise BadExpressionError(f"the expression {text!r} contains no words (letters)")
+        words = split_words(check_expression_text(text))
         limit, needed = self.tokenizer.max_tokens, self.tokenizer.count(text)
         if needed > limit:
             warnings.warn(
                 f"the expression has {needed} tokens; only the first {limit} are used (the model's limit of "
                 f"{limit} tokens): {text!r}",
                 ExpressionWarning,
-                stacklevel=4,
+                stacklevel=6,  # check_expression < expressions < infer < inference_mode < refer_all
             )
         used = words[:limit]
         if not any(w not in STOP_WORDS and self.tokenizer.is_known(w) for w in used):
@@ -161,9 +205,27 @@ class Referrer(Predictor):
             warnings.warn(
                 f"the expression {text!r} names nothing the model knows ({reason}); the mask is a guess",
                 ExpressionWarning,
-                stacklevel=4,
+                stacklevel=6,  # check_expression < expressions < infer < inference_mode < refer_all
             )
         return text
+
+    def expressions(self, texts: Sequence[str], cache_size: int = 16) -> Expressions:
+        """``texts`` checked (:meth:`check_expression`: errors, and warnings once) and tokenised, once per
+        set of expressions: a batch over many images reuses them."""
+        if isinstance(texts, str) or len(texts) == 0:
+            raise BadExpressionError("texts must be a non-empty list of expressions")
+        key = tuple(texts) if all(isinstance(t, str) for t in texts) else None
+        if key is not None and key in self._expressions:
+            self._expressions.move_to_end(key)
+            return self._expressions[key]
+        checked = [self.check_expression(t) for t in texts]
+        ids, mask = self.tokenizer.encode_batch(checked)
+        entry = Expressions(checked, ids.to(self.device), mask.to(self.device))
+        self.text_encodings += 1
+        self._expressions[tuple(checked)] = entry
+        if len(self._expressions) > cache_size:
+            self._expressions.popitem(last=False)
+        return entry
 
     # ------------------------------------------------------------------ referring
 
@@ -185,32 +247,53 @@ class Referrer(Predictor):
             image, text = None, image
         return self.refer_all(image, [text], keep_scores=keep_scores)[0]  # type: ignore[list-item]
 
-    @torch.inference_mode()
     def refer_all(
         self, image: ImageInput | None, texts: Sequence[str], keep_scores: bool = False
     ) -> list[ReferringResult]:
         """One result per expression in ``texts``, decoded in one batch over one image encoding."""
-        if isinstance(texts, str) or len(texts) == 0:
-            raise BadExpressionError("texts must be a non-empty list of expressions")
-        checked = [self.check_expression(t) for t in texts]
-        if image is not None:
+        return self.finish(self.infer(image, texts, keep_scores))
+
+    @torch.inference_mode()
+    def infer(
+        self, image: ImageInput | PreparedImage | None, texts: Sequence[str], keep_scores: bool = False
+    ) -> ReferringLogits:
+        """The network's part of :meth:`refer_all`: output-grid logits for every expression. ``image``
+        may be a :class:`PreparedImage` from :meth:`prepare`."""
+        expressions = self.expressions(texts)
+        if isinstance(image, PreparedImage):
+            self.set_prepared(image)
+        elif image is not None:
             self.set_image(image)
         original = self._require_image()
         assert self._placement is not None
-        ids, mask = self.tokenizer.encode_batch(checked)
-        logits = self.model.decode(self._image_features(), ids.to(self.device), mask.to(self.device))
-        probabilities = foreground_probability(logits.float()[:, 0], self._placement, self.upsample)
+        logits = self.model.decode(self._image_features(), expressions.ids, expressions.mask)
+        return ReferringLogits(
+            logits.float()[:, 0],
+            self._placement,
+            expressions.texts,
+            original,
+            self.threshold,
+            self.upsample,
+            keep_scores,
+        )
+
+    @staticmethod
+    @torch.inference_mode()
+    def finish(pending: ReferringLogits) -> list[ReferringResult]:
+        """:meth:`infer`'s logits mapped to the image: masks, scores (and probabilities). Reads no
+        predictor state, so a batch runs it in another thread while the network takes the next image."""
+        probabilities = foreground_probability(pending.logits, pending.placement, pending.upsample)
         results = []
-        for text, prob in zip(checked, probabilities, strict=True):
-            fg = prob > self.threshold
+        for text, prob in zip(pending.texts, probabilities, strict=True):
+            fg = prob > pending.threshold
             score = prob[fg].mean() if fg.any() else prob.max()
             results.append(
                 ReferringResult(
                     mask=fg.cpu().numpy(),
                     score=float(score),
                     text=text,
-                    image=original,
-                    scores=prob.cpu().numpy() if keep_scores else None,
+                    image=pending.image,
+                    scores=prob.cpu().numpy() if pending.keep_scores else None,
                 )
             )
         return results

@@ -35,10 +35,10 @@ from PIL import Image
 from torch import nn
 
 from langseg.errors import BadConfigError, BadLabelsError
-from langseg.predict.base import Predictor
+from langseg.predict.base import Predictor, PreparedImage
 from langseg.predict.images import CLIP_MEAN, CLIP_STD, ImageInput
 from langseg.predict.results import SegmentationResult
-from langseg.predict.tta import InferencePlan, run_plan, upsample_argmax
+from langseg.predict.tta import InferencePlan, run_plan, scaled_inputs, upsample_argmax
 
 BACKGROUND_NAMES = ("background", "other")
 Tokenize = Callable[[list[str]], torch.Tensor]
@@ -82,6 +82,28 @@ class _LabelSet:
     names: list[str]
     embeddings: torch.Tensor  # P x D, every alias of every label
     owner: torch.Tensor  # P, index of the label each alias belongs to
+
+
+@dataclass
+class SegmentationLogits:
+    """What :meth:`Segmenter.infer` computed for one image, before :meth:`Segmenter.finish` maps it to the
+    image size.
+
+    Attributes:
+        logits: ``1 x K x h x w`` at the working resolution (after the plan and any refinement).
+        image: the ``H x W x 3`` uint8 original.
+        labels: the ``K`` label names.
+        background: index of the label uncertain pixels go to, or ``None``.
+        background_threshold: the top probability under which a pixel is uncertain.
+        keep_scores: whether the result keeps the ``K x H x W`` probabilities.
+    """
+
+    logits: torch.Tensor
+    image: np.ndarray
+    labels: list[str]
+    background: int | None = None
+    background_threshold: float | None = None
+    keep_scores: bool = False
 
 
 def parse_labels(labels: Sequence[str], max_labels: int) -> tuple[list[str], list[list[str]]]:
@@ -159,6 +181,7 @@ class Segmenter(Predictor):
         self.refine = refine
         self._text_cache: OrderedDict[tuple[tuple[str, ...], ...], _LabelSet] = OrderedDict()
         self._input: torch.Tensor | None = None
+        self._scaled: dict[tuple[int, int], torch.Tensor] | None = None  # the plan's resized inputs
         self._features: list[torch.Tensor] = []  # per model call of the plan, for the current image
         self.text_encodings = 0  # label sets encoded, for tests and benchmarks
         self.image_encodings = 0  # encode_image calls
@@ -170,11 +193,18 @@ class Segmenter(Predictor):
         """The current image as the plan sees it: ``1 x 3 x h x w`` normalised, at the working size."""
         return self._input
 
-    def _prepare(self, image: np.ndarray) -> None:
-        self._input = self._normalised_input(image)
+    def _prepare(self, image: np.ndarray) -> PreparedImage:
+        # A one-scale plan's resized input too, so that in a batch the decoding threads resize it (more
+        # scales would hold several copies of the image for as long as it is set: those resize later).
+        working = self._normalised_input(image)
+        scaled = scaled_inputs(working, self.plan) if len(self.plan.scales) == 1 else None
+        return PreparedImage(image, working, scaled)
+
+    def _set_input(self, prepared: PreparedImage) -> None:
+        self._input, self._scaled = prepared.input, prepared.extra
 
     def _forget(self) -> None:
-        self._input = None
+        self._input, self._scaled = None, None
         self._features = []
 
     def _normalised_input(self, image: np.ndarray) -> torch.Tensor:
@@ -250,7 +280,6 @@ class Segmenter(Predictor):
 
     # ------------------------------------------------------------------ segmentation
 
-    @torch.inference_mode()
     def segment(
         self,
         image: ImageInput | None = None,
@@ -262,9 +291,23 @@ class Segmenter(Predictor):
 
         Returns a :class:`SegmentationResult` whose ``mask`` has the original image size.
         """
+        return self.finish(self.infer(image, labels, background_threshold, keep_scores))
+
+    @torch.inference_mode()
+    def infer(
+        self,
+        image: ImageInput | PreparedImage | None = None,
+        labels: Sequence[str] = (),
+        background_threshold: float | None = None,
+        keep_scores: bool = False,
+    ) -> SegmentationLogits:
+        """The network's part of :meth:`segment`: the plan's logits at the working resolution. ``image``
+        may be a :class:`PreparedImage` from :meth:`prepare`."""
         label_set = self.label_set(labels)
         background = _background_index(label_set.names, background_threshold)
-        if image is not None:
+        if isinstance(image, PreparedImage):
+            self.set_prepared(image)
+        elif image is not None:
             self.set_image(image)
         original = self._require_image()
         assert self._input is not None
@@ -278,25 +321,46 @@ class Segmenter(Predictor):
             # Logits cover the padded input: upsample to it, then drop the padding.
             height, width = windows.shape[-2:]
             padded = (height + (-height) % multiple, width + (-width) % multiple)
-            logits = F.interpolate(logits.float(), size=padded, mode="bilinear", align_corners=False)
-            return logits[..., :height, :width]
+            if tuple(logits.shape[-2:]) != padded:
+                logits = F.interpolate(logits.float(), size=padded, mode="bilinear", align_corners=False)
+            return logits.float()[..., :height, :width]
 
-        working_logits = run_plan(logits_fn, self._input, self.plan)
+        working_logits = run_plan(logits_fn, self._input, self.plan, self._scaled)
         if self.refine is not None:
             working_logits = self.refine(working_logits, self._input)
-        height, width = original.shape[:2]
-        need_probs = keep_scores or background is not None
+        return SegmentationLogits(
+            working_logits, original, label_set.names, background, background_threshold, keep_scores
+        )
+
+    @staticmethod
+    @torch.inference_mode()
+    def finish(pending: SegmentationLogits) -> SegmentationResult:
+        """:meth:`infer`'s logits upsampled to the image: the label map (and probabilities). Reads no
+        predictor state, so a batch runs it in another thread while the network takes the next image."""
+        height, width = pending.image.shape[:2]
+        logits = pending.logits
+        need_probs = pending.keep_scores or pending.background is not None
         # Bands of at most ~2**25 values per temporary: many labels on a huge image must not exhaust memory.
-        band = max(1, min(512, (1 << 25) // (working_logits.shape[1] * width)))
-        mask, probs = upsample_argmax(working_logits, (height, width), band, keep_probabilities=need_probs)
-        if background is not None and probs is not None:
-            mask[probs.max(0).values < background_threshold] = background
+        band = max(1, min(512, (1 << 25) // (logits.shape[1] * width)))
+        mask, probs = upsample_argmax(logits, (height, width), band, keep_probabilities=need_probs)
+        if pending.background is not None and probs is not None:
+            mask[probs.max(0).values < pending.background_threshold] = pending.background
         return SegmentationResult(
             mask=mask.cpu().numpy(),
-            labels=label_set.names,
-            image=original,
-            scores=probs.cpu().numpy() if keep_scores and probs is not None else None,
+            labels=pending.labels,
+            image=pending.image,
+            scores=probs.cpu().numpy() if pending.keep_scores and probs is not None else None,
         )
+
+
+def check_labels(
+    labels: Sequence[str], background_threshold: float | None = None, max_labels: int = 1024
+) -> list[str]:
+    """The label names, after every check :meth:`Segmenter.segment` makes on ``labels`` and
+    ``background_threshold`` without a model; raises :class:`BadLabelsError`."""
+    names, _ = parse_labels(labels, max_labels)
+    _background_index(names, background_threshold)
+    return names
 
 
 def _background_index(names: list[str], threshold: float | None) -> int | None:

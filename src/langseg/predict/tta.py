@@ -92,17 +92,36 @@ def sliding_window(
     return (total / count)[..., :height, :width]
 
 
-def run_plan(logits_fn: LogitsFn, image: torch.Tensor, plan: InferencePlan) -> torch.Tensor:
-    """``1 x K x H x W`` logits of ``image`` (``1 x 3 x H x W``) under ``plan``, at the input size."""
+def plan_sizes(height: int, width: int, plan: InferencePlan) -> list[tuple[int, int]]:
+    """The image size at each of the plan's scales, for an ``H x W`` input."""
+    sizes = []
+    for scale in plan.scales:
+        factor = scale if plan.base_size is None else scale * plan.base_size / max(height, width)
+        sizes.append((max(1, round(height * factor)), max(1, round(width * factor))))
+    return sizes
+
+
+def scaled_inputs(image: torch.Tensor, plan: InferencePlan) -> dict[tuple[int, int], torch.Tensor]:
+    """``image`` resized to each of the plan's sizes, as :func:`run_plan` would resize it: computed
+    ahead (e.g. in a decoding thread) and handed to :func:`run_plan` as ``scaled``."""
+    return {size: _resize(image, size) for size in plan_sizes(*image.shape[-2:], plan)}
+
+
+def run_plan(
+    logits_fn: LogitsFn,
+    image: torch.Tensor,
+    plan: InferencePlan,
+    scaled: dict[tuple[int, int], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``1 x K x H x W`` logits of ``image`` (``1 x 3 x H x W``) under ``plan``, at the input size;
+    ``scaled`` may hold the resized inputs already (:func:`scaled_inputs`)."""
     _, _, height, width = image.shape
     total: torch.Tensor | None = None
     runs = 0
-    for scale in plan.scales:
-        factor = scale if plan.base_size is None else scale * plan.base_size / max(height, width)
-        size = (max(1, round(height * factor)), max(1, round(width * factor)))
-        scaled = _resize(image, size)
+    for size in plan_sizes(height, width, plan):
+        x_scaled = scaled[size] if scaled is not None and size in scaled else _resize(image, size)
         for flip in (False, True) if plan.flip else (False,):
-            x = scaled.flip(-1) if flip else scaled
+            x = x_scaled.flip(-1) if flip else x_scaled
             if plan.crop is None:
                 logits = _resize(logits_fn(x), size)
             else:

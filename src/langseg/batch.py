@@ -1,0 +1,416 @@
+"""The batch runner behind ``langseg segment`` and ``langseg refer``, callable from Python as well.
+
+``check_job`` checks everything a run needs before any model loads (images, labels or expressions,
+output files, model name, task, device, dtype) and raises one :class:`~langseg.errors.LangsegError` per
+problem; ``run_batch`` then runs a loaded predictor over the images as a pipeline of three stages, so
+that the network never waits for files:
+
+- decoding and preprocessing (``predictor.prepare``) in a thread pool, a few images ahead;
+- the network (``predictor.infer``) in the calling thread, one image at a time, with the label or
+  expression embeddings computed once for the whole run;
+- mapping the logits to the image (``predictor.finish``) and writing the outputs in a writer thread.
+
+A file that cannot be decoded (or written) is reported and skipped; the run goes on and the summary lists
+it. Outputs go to temporary names and are renamed when complete, so an interrupted run leaves no half
+file, and (without ``overwrite``) a file already on disk is never replaced.
+
+Outputs per image ``STEM`` (see :data:`OUTPUTS`): ``STEM.overlay.png`` (colours over the image with a
+legend), ``STEM.mask.png`` (VOC-style palette PNG, pixel values = label indices; for referring
+0 = nothing, k = expression k) and ``STEM.json`` (label names, areas, scores, COCO RLE masks).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import threading
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from langseg.errors import BadConfigError, BadImageError, LangsegError, OutputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
+OUTPUTS = {"overlay": ".overlay.png", "mask": ".mask.png", "json": ".json"}
+FORMATS = {"png": ("overlay", "mask"), "json": ("json",), "both": ("overlay", "mask", "json")}
+COMMANDS = {"semantic": "segment", "referring": "refer"}
+
+
+@dataclass
+class BatchJob:
+    """A checked run: what :func:`check_job` returns and :func:`load_predictor` / :func:`run_batch` use.
+
+    Attributes:
+        task: ``"semantic"`` (labels) or ``"referring"`` (expressions).
+        images: the input files, in order; ``outputs``: for each, output kind -> path.
+        prompts: the labels or expressions; ``background_threshold``: semantic only.
+        model, weights, device, options: what to load (``options`` go to :func:`langseg.api.load`).
+        overwrite: replace existing outputs.
+    """
+
+    task: str
+    images: list[Path]
+    outputs: list[dict[str, Path]]
+    prompts: list[str]
+    model: str
+    weights: Path | None = None
+    device: Any = "cpu"
+    options: dict[str, Any] = field(default_factory=dict)
+    background_threshold: float | None = None
+    overwrite: bool = False
+
+
+@dataclass
+class BatchSummary:
+    """What a run did: ``written`` images (with ``areas``: per image, ``(name, share, score)`` rows),
+    ``files`` written, ``failed`` images with the reason, and the wall time."""
+
+    total: int = 0
+    written: list[Path] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    areas: dict[Path, list[tuple[str, float, float | None]]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.written) / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+def expand_images(items: Sequence[str | Path], skip_outputs_in: Path | None = None) -> list[Path]:
+    """Image files from files, folders (their image files, not recursive) and globs, in order, each once.
+
+    A named file is taken whatever its suffix; folders and globs give files with an image suffix
+    (:data:`IMAGE_SUFFIXES`), leaving out langseg's own outputs in ``skip_outputs_in``.
+
+    Raises:
+        BadImageError: a path that does not exist, a folder or glob without images, an unreadable
+            file, or nothing at all.
+    """
+    found: list[Path] = []
+
+    def is_image(path: Path) -> bool:
+        own = skip_outputs_in is not None and path.parent.resolve() == skip_outputs_in.resolve()
+        ours = own and path.name.endswith((OUTPUTS["overlay"], OUTPUTS["mask"]))
+        return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not ours
+
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.iterdir() if is_image(p))
+            if not files:
+                hint = f"Image files end in {', '.join(IMAGE_SUFFIXES)}."
+                raise BadImageError(f"the folder {path} holds no images", hint=hint)
+        elif path.exists():
+            files = [path]
+        elif glob.has_magic(str(item)):
+            files = sorted(p for p in map(Path, glob.glob(str(path))) if is_image(p))
+            if not files:
+                raise BadImageError(f"no image file matches {item}", hint="Check the pattern and the folder.")
+        else:
+            hint = "Check the path (and the working directory)."
+            raise BadImageError(f"image not found: {item}", hint=hint)
+        found += files
+    if not found:
+        raise BadImageError("no images given", hint="Pass image files, folders or globs.")
+    for path in found:
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise BadImageError(f"cannot read {path}", hint="Check that it is a file you may read.")
+    unique = {p.resolve(): p for p in reversed(found)}  # first occurrence wins
+    return [p for p in found if unique.get(p.resolve()) is p]
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """Raise :class:`OutputError` unless ``out_dir`` is (or can be created as) a writable folder; creates
+    nothing."""
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        hint = "Pass --out a folder (new or existing)."
+        raise OutputError(f"cannot write into {out_dir}: {existing} is a file", hint=hint)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write into {out_dir}: {existing} is not writable")
+
+
+def plan_outputs(images: Sequence[Path], out_dir: Path, fmt: str, overwrite: bool) -> list[dict[str, Path]]:
+    """For each image, output kind -> path in ``out_dir`` (``STEM.overlay.png``, ``STEM.mask.png``,
+    ``STEM.json``); raises :class:`OutputError` if two images share a stem, or (without ``overwrite``)
+    if any output exists already."""
+    if fmt not in FORMATS:
+        raise BadConfigError(f"unknown format {fmt!r}", hint=f"Use one of {', '.join(FORMATS)}.")
+    check_output_dir(out_dir)
+    owners: dict[str, Path] = {}
+    plans = []
+    for image in images:
+        if image.stem in owners:
+            raise OutputError(
+                f"{owners[image.stem]} and {image} would write the same outputs ({image.stem}.*)",
+                hint="Rename one of them, or run them with different --out folders.",
+            )
+        owners[image.stem] = image
+        plans.append({kind: out_dir / f"{image.stem}{OUTPUTS[kind]}" for kind in FORMATS[fmt]})
+    existing = [path for plan in plans for path in plan.values() if path.exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        raise OutputError(
+            f"{len(existing)} output file(s) exist already: {', '.join(map(str, existing[:3]))}{more}",
+            hint="Pass --overwrite to replace them, or choose another --out folder.",
+        )
+    return plans
+
+
+def check_job(
+    task: str,
+    images: Sequence[str | Path],
+    prompts: Sequence[str],
+    *,
+    model: str,
+    out_dir: Path,
+    fmt: str = "both",
+    overwrite: bool = False,
+    weights: Path | None = None,
+    device: str = "auto",
+    options: dict[str, Any] | None = None,
+    background_threshold: float | None = None,
+) -> BatchJob:
+    """Every check a run makes before the model loads; returns the job, or raises the first problem."""
+    from langseg.api import check_load
+
+    if task not in COMMANDS:
+        raise BadConfigError(f"unknown task {task!r}", hint="Use semantic or referring.")
+    files = expand_images(images, skip_outputs_in=out_dir)
+    if task == "semantic":
+        from langseg.predict.segmenter import check_labels
+
+        check_labels(prompts, background_threshold)
+    else:
+        from langseg.errors import BadExpressionError
+        from langseg.predict.referrer import check_expression_text
+
+        if not prompts:
+            hint = 'Pass --text "the large circle on the left".'
+            raise BadExpressionError("no expression given", hint=hint)
+        for text in prompts:
+            check_expression_text(text)
+    outputs = plan_outputs(files, out_dir, fmt, overwrite)
+    entry, _, resolved = check_load(model, weights, device, **(options or {}))
+    if entry.task != task:
+        raise BadConfigError(
+            f"{model} is a {entry.task} model; `langseg {COMMANDS[task]}` needs a {task} one",
+            hint=f"Run `langseg {COMMANDS[entry.task]} ...` with it, or pick a model from "
+            f"`langseg models --task {task}`.",
+        )
+    return BatchJob(
+        task, files, outputs, list(prompts), model, weights, resolved, dict(options or {}),
+        background_threshold, overwrite,
+    )  # fmt: skip
+
+
+def load_predictor(job: BatchJob) -> Any:
+    """The predictor of a checked job (:func:`langseg.api.load`)."""
+    from langseg.api import load
+
+    return load(job.model, weights=job.weights, device=job.device, **job.options)
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+def write_atomic(path: Path, write: Callable[[Path], None], overwrite: bool) -> None:
+    """Call ``write(temporary path)``, then move the file to ``path`` in one step; without ``overwrite``
+    a file that is at ``path`` by then is kept and this raises :class:`OutputError`."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        write(tmp)
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)  # fails if path exists, atomically: never replaces what appeared meanwhile
+        except FileExistsError as err:
+            raise OutputError(f"{path} exists already", hint="Pass --overwrite to replace it.") from err
+        except OSError:  # a file system without hard links
+            if path.exists():
+                raise OutputError(f"{path} exists already", hint="Pass --overwrite to replace it.") from None
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_outputs(
+    result: Any, image: Path, paths: dict[str, Path], model: str, overwrite: bool = False
+) -> list[Path]:
+    """Write the outputs of one image's result (``SegmentationResult`` or ``ReferringSet``)."""
+    writers: dict[str, Callable[[Path], None]] = {
+        # Level 1 compresses these masks as well as 9 does, and the overlays within a few percent, at a
+        # fraction of the time (the writer thread's time is what keeps up with the network).
+        "overlay": lambda tmp: result.overlay().save(tmp, format="PNG", compress_level=1),
+        "mask": lambda tmp: result.mask_image().save(tmp, format="PNG", compress_level=1),
+        "json": lambda tmp: tmp.write_text(json.dumps(_record(result, image, model), indent=1)),
+    }
+    written = []
+    for kind, path in paths.items():
+        write_atomic(path, writers[kind], overwrite)
+        written.append(path)
+    return written
+
+
+def _record(result: Any, image: Path, model: str) -> dict[str, Any]:
+    task = "referring" if hasattr(result, "texts") else "semantic"
+    return {"image": str(image), "model": model, "task": task, **result.to_dict()}
+
+
+def _rows(result: Any) -> list[tuple[str, float, float | None]]:
+    """(name, share of the image, score) per label that covers pixels / per expression."""
+    if hasattr(result, "texts"):
+        return [(r.text, float(r.mask.mean()), r.score) for r in result.results]
+    scores = result.label_scores()
+    return [(label, share, scores.get(label)) for label, share in result.areas().items()]
+
+
+# ---------------------------------------------------------------------------------------- running
+
+
+def run_batch(
+    predictor: Any,
+    job: BatchJob,
+    *,
+    write: bool = True,
+    console: Any = None,
+    prefetch: int = 4,
+    decode_workers: int = 2,
+    write_workers: int = 2,
+) -> BatchSummary:
+    """Run ``predictor`` over ``job.images`` and write their outputs (see the module docstring).
+
+    Args:
+        predictor: a ``Segmenter`` for a semantic job, a ``Referrer`` for a referring one.
+        job: from :func:`check_job` (or built directly).
+        write: write the outputs (``False``: compute and map results only, e.g. for benchmarks).
+        console: a rich console for the progress bar and the skipped files, or ``None`` for silence.
+        prefetch: images decoded ahead of the network.
+        decode_workers, write_workers: threads for decoding and for finishing/writing.
+    """
+    from langseg.predict.results import ReferringSet
+
+    referring = job.task == "referring"
+    # Referring sets need the probabilities to share overlapping pixels; labels' scores go to the JSON.
+    keep_scores = referring or (write and any("json" in plan for plan in job.outputs))
+    # Embeddings (and the expressions' warnings) once for the whole run, before the first image.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if referring:
+            predictor.expressions(job.prompts)
+        else:
+            predictor.label_set(job.prompts)
+    for warning in caught if console is not None else ():
+        console.print(f"[yellow]warning:[/] {warning.message}", highlight=False)
+    if write:
+        for folder in {p.parent for plan in job.outputs for p in plan.values()}:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise OutputError(f"cannot create {folder}: {err.strerror or err}") from err
+
+    summary = BatchSummary(total=len(job.images))
+    lock = threading.Lock()
+    progress, bar = _progress(console, len(job.images))
+
+    def fail(image: Path, reason: str) -> None:
+        with lock:
+            summary.failed.append((image, reason))
+        if progress is not None:
+            progress.console.print(f"[red]skipped[/] {image}: {reason}", highlight=False)
+            progress.advance(bar)
+
+    def finish_and_write(pending: Any, image: Path, paths: dict[str, Path]) -> None:
+        try:
+            result = predictor.finish(pending)
+            result = ReferringSet(result) if referring else result
+            files = write_outputs(result, image, paths, job.model, job.overwrite) if write else []
+            rows = _rows(result) if write else []
+        except (LangsegError, OSError) as err:
+            fail(image, getattr(err, "message", None) or f"cannot write: {err.strerror or err}")
+            return
+        with lock:
+            summary.written.append(image)
+            summary.files += files
+            summary.areas[image] = rows
+        if progress is not None:
+            progress.advance(bar)
+
+    start = time.perf_counter()
+    decoder = ThreadPoolExecutor(decode_workers, thread_name_prefix="langseg-decode")
+    writer = ThreadPoolExecutor(write_workers, thread_name_prefix="langseg-write")
+    ahead: deque[Future] = deque()
+    writing: deque[Future] = deque()
+    queue = iter(zip(job.images, job.outputs, strict=True))
+    try:
+        if progress is not None:
+            progress.start()
+        for item in islice(queue, prefetch):
+            ahead.append(decoder.submit(_decode, predictor, *item))
+        while ahead:
+            image, paths, prepared, error = ahead.popleft().result()
+            for item in islice(queue, 1):
+                ahead.append(decoder.submit(_decode, predictor, *item))
+            if error is not None:
+                fail(image, error)
+                continue
+            try:
+                if referring:
+                    pending = predictor.infer(prepared, job.prompts, keep_scores=keep_scores)
+                else:
+                    pending = predictor.infer(prepared, job.prompts, job.background_threshold, keep_scores)
+            except LangsegError as err:
+                fail(image, err.message)
+                continue
+            while len(writing) >= 2 * write_workers + 1:  # bound the results held in memory
+                writing.popleft().result()
+            writing.append(writer.submit(finish_and_write, pending, image, paths))
+        for future in writing:
+            future.result()
+    finally:
+        # On an interrupt: drop what is queued, let started writes finish (they are atomic anyway).
+        decoder.shutdown(wait=True, cancel_futures=True)
+        writer.shutdown(wait=True, cancel_futures=True)
+        if progress is not None:
+            progress.stop()
+    summary.seconds = time.perf_counter() - start
+    order = {p: i for i, p in enumerate(job.images)}
+    summary.written.sort(key=order.__getitem__)
+    summary.failed.sort(key=lambda item: order[item[0]])
+    return summary
+
+
+def _decode(predictor: Any, image: Path, paths: dict[str, Path]) -> tuple[Path, dict, Any, str | None]:
+    """(image, paths, prepared input or None, why it failed or None): decoding never raises, since
+    one bad file must not stop the run."""
+    try:
+        return image, paths, predictor.prepare(image), None
+    except LangsegError as err:
+        return image, paths, None, err.message
+    except Exception as err:  # e.g. PIL's DecompressionBombError: still this file's problem only
+        return image, paths, None, f"cannot read it ({type(err).__name__}: {err})"
+
+
+def _progress(console: Any, total: int) -> tuple[Any, Any]:
+    """A rich progress bar over the images on ``console`` and its task (both ``None`` without one)."""
+    if console is None:
+        return None, None
+    from rich import progress as rp
+
+    columns = (rp.TextColumn("images"), rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeElapsedColumn())
+    bar = rp.Progress(*columns, rp.TimeRemainingColumn(), console=console, transient=True)
+    return bar, bar.add_task("images", total=total)
