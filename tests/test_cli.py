@@ -126,3 +126,20 @@ def test_installed_script_runs() -> None:
         [sys.executable, "-m", "langseg", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and "data" in result.stdout and "models" in result.stdout
+
+
+def test_labels_from_a_file(tmp_path: Path, monkeypatch, capsys) -> None:
+    from langseg.cli import read_labels
+
+    (tmp_path / "labels.txt").write_text("red circle\n\nblue square, green star\n  background  \n")
+    assert read_labels(f"@{tmp_path / 'labels.txt'}") == [
+        "red circle",
+        "blue square",
+        "green star",
+        "background",
+    ]
+    assert read_labels("a, b") == ["a", "b"]
+    code, _, err = run_cli(
+        monkeypatch, capsys, "segment", str(tmp_path), "--labels", f"@{tmp_path / 'no.txt'}"
+    )
+    assert code == 2 and "cannot read labels" in err and "hint:" in err and "Traceback" not in err

@@ -185,11 +185,31 @@ FORMAT_HELP = "png: overlay and mask; json: the JSON sidecar (areas, scores, COC
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."
 
 
+def read_labels(value: str) -> list[str]:
+    """Labels from ``--labels``: comma-separated, or ``@FILE`` (commas or lines; blank lines skipped)."""
+    if not value.startswith("@"):
+        return [part.strip() for part in value.split(",")]
+    from langseg.errors import BadLabelsError
+
+    path = Path(value[1:])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise BadLabelsError(
+            f"cannot read labels from {path}: {getattr(err, 'strerror', None) or err}",
+            hint="Pass @FILE with a UTF-8 text file of labels, or the labels themselves, comma-separated.",
+        ) from err
+    return [part.strip() for line in text.splitlines() if line.strip() for part in line.split(",")]
+
+
 @app.command()
 def segment(
     images: list[Path] = typer.Argument(..., help=IMAGES_HELP, show_default=False),
     labels: str = typer.Option(
-        ..., "--labels", help='Comma-separated labels, e.g. "cat, sofa, other"; join synonyms with ";".'
+        ...,
+        "--labels",
+        help='Comma-separated labels, e.g. "cat, sofa, other"; join synonyms with ";". @FILE reads them from '
+        "a text file (one or more per line).",
     ),
     model: str = typer.Option(
         "naclip-vit-b16", "--model", help="Semantic model: name, folder, mode:ARCH/TAG."
@@ -205,7 +225,7 @@ def segment(
     ),
 ) -> None:
     """Segment images into free-text labels: an overlay with a legend, a palette mask and a JSON each."""
-    prompts = [part.strip() for part in labels.split(",")]
+    prompts = read_labels(labels)
     options = {"model": model, "weights": weights, "device": device, "options": {"dtype": dtype.value}}
     _run_images("semantic", images, prompts, out, fmt.value, overwrite, background_threshold, **options)
 
