@@ -23,7 +23,7 @@ from langseg.registry import Family, ModelEntry, WeightsSpec, register_family, r
 from langseg.zoo.options import as_float_dtype
 
 # Weights that ship inside the package (langseg/weights/<name>/), checked by digest when loaded.
-VLT_SHAPES_SHA256 = "ec56cbfe72af4bc4f9b116e68e1f117b5330d0c522947fdf449d21213b8b7a54"
+VLT_SHAPES_SHA256 = "ee58c10ac6a812687436ead77a44c27001af172850b5b0c9aac02174dfb0d57d"
 
 
 @dataclass(frozen=True)
