@@ -296,3 +296,18 @@ def test_referring_set_gives_overlaps_to_the_surer_expression() -> None:
     record = both.to_dict()
     assert [e["index"] for e in record["expressions"]] == [1, 2] and record["texts"] == ["a", "b"]
     assert both.mask_image().mode == "P" and both.overlay().size == (4, 1)
+
+
+def test_overlay_leaves_a_background_label_uncoloured() -> None:
+    """Painting "background" would tint the whole picture: its pixels keep the image's colours."""
+    from langseg.predict.results import SegmentationResult
+
+    image = np.full((40, 60, 3), 90, np.uint8)
+    mask = np.zeros((40, 60), np.int64)
+    mask[:, 30:] = 1
+    for name in ("background", "Other"):
+        picture = np.array(SegmentationResult(mask, [name, "red circle"], image).overlay(legend=False))
+        assert (picture[:, :30] == 90).all()  # untouched
+        assert not (picture[:, 30:] == 90).all()  # the object is coloured
+    coloured = np.array(SegmentationResult(mask, ["sky", "red circle"], image).overlay(legend=False))
+    assert not (coloured[:, :30] == 90).all()  # any other label is coloured

@@ -58,10 +58,16 @@ def overlay(
 
 
 def overlay_without(
-    image: np.ndarray, mask: np.ndarray, colours: np.ndarray, alpha: float = 0.5, skip: int = 0
+    image: np.ndarray,
+    mask: np.ndarray,
+    colours: np.ndarray,
+    alpha: float = 0.5,
+    skip: int | Sequence[int] = 0,
 ) -> Image.Image:
-    """Like :func:`overlay`, but pixels of class ``skip`` (e.g. 0 = nothing referred) stay untouched."""
-    weights = {int(k): (0.0 if k == skip else alpha) for k in range(len(colours))}
+    """Like :func:`overlay`, but pixels of the classes ``skip`` (e.g. 0 = nothing referred, or the
+    "background" label) stay untouched."""
+    skipped = {skip} if isinstance(skip, int) else set(skip)
+    weights = {int(k): (0.0 if k in skipped else alpha) for k in range(len(colours))}
     return Image.fromarray(imgviz.label2rgb(mask, image, alpha=weights, colormap=np.asarray(colours)))
 
 

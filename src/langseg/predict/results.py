@@ -23,6 +23,9 @@ from PIL import Image
 
 from langseg import viz
 
+# Labels that mean "none of the others": uncoloured in overlays, the target of background_threshold.
+BACKGROUND_NAMES = ("background", "other")
+
 
 def to_coco_rle(mask: np.ndarray) -> dict[str, Any]:
     """COCO's run-length encoding of an ``H x W`` boolean mask (``{"size": [H, W], "counts": str}``),
@@ -76,9 +79,11 @@ class SegmentationResult:
         return viz.palette(len(self.labels))
 
     def overlay(self, alpha: float = 0.5, legend: bool = True) -> Image.Image:
-        """The label colours blended over the image, with a legend (colour, label, share of the image)
-        for the labels that cover any pixel."""
-        picture = viz.overlay(self.image, self.mask, self.colours(), alpha)
+        """The label colours blended over the image (labels named background/other left uncoloured), with
+        a legend (colour, label, share of the image) for the labels that cover any pixel."""
+        # A "background" / "other" label stays uncoloured: painting it would tint the whole image.
+        plain = [k for k, label in enumerate(self.labels) if label.lower() in BACKGROUND_NAMES]
+        picture = viz.overlay_without(self.image, self.mask, self.colours(), alpha, plain)
         if not legend:
             return picture
         colours, areas = self.colours(), self.areas()

@@ -37,10 +37,9 @@ from torch import nn
 from langseg.errors import BadConfigError, BadLabelsError
 from langseg.predict.base import Predictor, PreparedImage
 from langseg.predict.images import CLIP_MEAN, CLIP_STD, ImageInput
-from langseg.predict.results import SegmentationResult
+from langseg.predict.results import BACKGROUND_NAMES, SegmentationResult
 from langseg.predict.tta import InferencePlan, run_plan, scaled_inputs, upsample_argmax
 
-BACKGROUND_NAMES = ("background", "other")
 Tokenize = Callable[[list[str]], torch.Tensor]
 
 
