@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,30 @@ def example_scenes() -> None:
         Image.fromarray(scene.image).save(EXAMPLES / f"{background}.png")
 
 
+# The README's Quickstart commands, run from the repository root (with the shipped models).
+QUICKSTART = [
+    "langseg segment examples/ --model lseg-shapes --labels @examples/shapeworld_labels.txt "
+    "--out {out}/segment",
+    'langseg refer examples/plain.png --text "the white star" --text "the small triangle" '
+    '--text "the yellow hexagon" --out {out}/refer',
+]
+
+
+def quickstart_pictures() -> None:
+    """Run the Quickstart's commands and tile the overlays they write (docs/images/quickstart.png)."""
+    root = Path(__file__).parents[1]
+    with tempfile.TemporaryDirectory() as out:
+        for command in QUICKSTART:
+            subprocess.run(command.format(out=out), shell=True, check=True, cwd=root, capture_output=True)
+        names = [f"segment/{b}.overlay.png" for b in ("plain", "noise", "texture")] + [
+            "refer/plain.overlay.png"
+        ]
+        tiles = [np.array(Image.open(Path(out) / name).convert("RGB")) for name in names]
+    Image.fromarray(np.concatenate(tiles, axis=1)).save(OUT / "quickstart.png", optimize=True)
+
+
 if __name__ == "__main__":
     OUT.mkdir(exist_ok=True)
     shapeworld_grid()
     example_scenes()
+    quickstart_pictures()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,13 +28,30 @@ def test_quickstart_has_exactly_two_commands_install_then_run() -> None:
 
 
 def test_quickstart_main_job_runs(tmp_path: Path) -> None:
-    job = shlex.split(quickstart_commands()[0].split(" && ", 1)[1])
-    assert job[0] == "langseg"
-    result = subprocess.run(
-        [sys.executable, "-m", "langseg", *job[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / "shapes_demo" / "world.json").is_file()
+    """The Quickstart's jobs (segment, then refer) on a copy of examples/, with the shipped models."""
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    jobs = quickstart_commands()[0].split(" && ")[1:]
+    assert [shlex.split(job)[:2] for job in jobs] == [["langseg", "segment"], ["langseg", "refer"]]
+    for job in jobs:
+        args = shlex.split(job)[1:]
+        result = subprocess.run(
+            [sys.executable, "-m", "langseg", *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr
+    for stem in ("plain", "noise", "texture"):
+        record = json.loads((tmp_path / "out" / "segment" / f"{stem}.json").read_text())
+        assert record["model"] == "lseg-shapes" and len(record["labels"]) == 41
+        assert (tmp_path / "out" / "segment" / f"{stem}.overlay.png").is_file()
+    refer = json.loads((tmp_path / "out" / "refer" / "plain.json").read_text())
+    assert [e["text"] for e in refer["expressions"]] == [
+        "the white star",
+        "the small triangle",
+        "the yellow hexagon",
+    ]
 
 
 def test_python_examples_run(tmp_path: Path, monkeypatch) -> None:
