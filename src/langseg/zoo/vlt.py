@@ -23,7 +23,7 @@ from langseg.registry import Family, ModelEntry, WeightsSpec, register_family, r
 from langseg.zoo.options import as_float_dtype
 
 # Weights that ship inside the package (langseg/weights/<name>/), checked by digest when loaded.
-VLT_SHAPES_SHA256 = "ee58c10ac6a812687436ead77a44c27001af172850b5b0c9aac02174dfb0d57d"
+VLT_SHAPES_SHA256 = "0d23b4ec9885edae0e92793c56b1eb09d2579d5c32396629011402afae08c572"
 
 
 @dataclass(frozen=True)
