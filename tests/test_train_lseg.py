@@ -62,6 +62,11 @@ def test_lseg_learns_shapeworld_colours(tmp_path: Path) -> None:
     losses = [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
     assert losses[-1] < 0.5 * losses[0]
     assert result.metrics["pixAcc"] > 0.8
+    # Fine-tuning starts from the exported folder: one step at a learning rate of ~0 keeps its weights.
+    tuned = fit(lseg_config(tmp_path / "tuned", "max_steps=1", f"init_from={folder}", "optim.lr=1e-30"))
+    trained = dict(result.module.named_parameters())
+    for key, value in tuned.module.named_parameters():
+        torch.testing.assert_close(value, trained[key], rtol=0, atol=1e-6, msg=key)
 
 
 def test_zero_shot_labels_are_left_out_of_training_but_predicted(tmp_path: Path) -> None:

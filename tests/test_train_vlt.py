@@ -185,3 +185,28 @@ def test_export_refuses_other_checkpoints(tmp_path: Path) -> None:
         export_vlt(path, tmp_path / "out")
     with pytest.raises(BadConfigError, match="no step"):
         export_vlt(tmp_path, tmp_path / "out")
+
+
+def test_init_from_an_exported_folder_or_checkpoint_starts_from_its_weights(
+    trained: tuple[FitResult, Path], tmp_path: Path
+) -> None:
+    result, _ = trained
+    folder = result.module.export(tmp_path / "model")
+    trained_state = {k: v.detach().clone() for k, v in result.module.net.named_parameters()}
+    for source in (folder, result.checkpoint):
+        # max_steps=1 at a learning rate of ~0: the weights after the run are the starting ones (batch
+        # norm statistics move with the one training batch, so parameters only).
+        out = tmp_path / f"fine-{Path(source).name}"
+        config = vlt_config(out, "max_steps=1", f"init_from={source}", "optim.lr=1e-30")
+        tuned = fit(config).module
+        for key, value in tuned.net.named_parameters():
+            torch.testing.assert_close(value, trained_state[key], rtol=0, atol=1e-6, msg=key)
+        assert tuned.tokenizer.to_config() == result.module.tokenizer.to_config()
+    # A network of another width does not fit: one clear error, nothing trained.
+    wider = vlt_config(
+        tmp_path / "wider", "max_steps=1", f"init_from={folder}", model_kwargs="hidden_dim: 24"
+    )
+    with pytest.raises(BadConfigError, match=r"init_from.*do not fit"):
+        fit(wider)
+    with pytest.raises(BadConfigError, match=r"init_from.*not found"):
+        fit(vlt_config(tmp_path / "missing", "max_steps=1", f"init_from={tmp_path / 'nowhere'}"))

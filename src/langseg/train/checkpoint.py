@@ -267,3 +267,36 @@ def restore_training(
                 file=sys.stderr,
             )
     return state
+
+
+def load_initial_weights(module: nn.Module, source: str | Path) -> None:
+    """Start ``module`` from other weights (``init_from``): a training checkpoint's ``model`` state, or a
+    model folder (``model.safetensors`` + ``config.json``) that the task's ``export()`` wrote, which the
+    module reads with its ``load_exported(state, config)``.
+
+    Raises:
+        BadConfigError: ``source`` does not exist, or its weights do not fit this task's network.
+    """
+    from langseg.hub import read_checkpoint
+
+    path = Path(source)
+    if not path.exists():
+        raise BadConfigError(
+            f"init_from: {path} not found", hint="Pass a step_*.pt checkpoint or an exported model folder."
+        )
+    try:
+        if path.is_file() and path.suffix == ".pt":
+            module.load_state_dict(load_checkpoint(path)["model"])
+            return
+        load_exported = getattr(module, "load_exported", None)
+        if load_exported is None:
+            raise BadConfigError(
+                f"init_from: this task cannot start from a model folder ({path})",
+                hint="Pass a step_*.pt training checkpoint instead.",
+            )
+        load_exported(*read_checkpoint(path))
+    except (RuntimeError, KeyError) as err:  # missing/unexpected keys, shape mismatches
+        raise BadConfigError(
+            f"init_from: the weights in {path} do not fit this config's network: {str(err).splitlines()[0]}",
+            hint="Start from weights of the same model (and, for VLT, the same vocabulary).",
+        ) from None

@@ -132,6 +132,9 @@ class TrainConfig:
         progress: show a progress bar on rank 0 (only when stderr is a terminal).
         deterministic: ask torch for deterministic kernels (slower on GPU).
         find_unused_parameters: passed to DistributedDataParallel.
+        init_from: weights to start from (fine-tuning): a training checkpoint (``step_*.pt``) or a model
+            folder this task exports; the optimiser, schedule and step count start fresh. A resumed run
+            ignores it (its checkpoint holds everything).
     """
 
     task: str = "toy-semantic"
@@ -154,6 +157,7 @@ class TrainConfig:
     progress: bool = True
     deterministic: bool = False
     find_unused_parameters: bool = False
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")

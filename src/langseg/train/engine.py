@@ -221,7 +221,10 @@ def _fit(
 
     ckpt.seed_everything(config.seed)  # the same initial weights on every rank
     parts = TaskParts(*build_task(config))
-    module = parts.module.to(device)
+    module = parts.module
+    if config.init_from is not None and resume_path is None and not auto:
+        ckpt.load_initial_weights(module, config.init_from)
+    module = module.to(device)
     ckpt.seed_everything(ckpt.rank_seed(config.seed, info.rank))  # then independent streams per rank
 
     transform = TrainTransform(data.crop_size, data.scale_range, data.hflip, data.ignore_index)

@@ -125,6 +125,12 @@ class LSegTrainModule(nn.Module):
         }
         return save_checkpoint(state, out_dir, config)
 
+    def load_exported(self, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        """Take the weights of a folder :meth:`export` wrote (``init_from``; keys ``net.*``,
+        ``text_encoder.*``)."""
+        self.load_state_dict(state)
+        self._frozen_text = None
+
     def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
         """The official recipe: the ViT and its reassemble projections at ``base_lr``; the DPT fusion
         blocks, head, regularisation, logit scale (and a trainable text tower) at ``head_lr_mult`` x."""

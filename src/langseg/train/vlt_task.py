@@ -155,6 +155,12 @@ class VLTTrainModule(nn.Module):
         """Write this trained model as a folder ``langseg.load`` reads (``langseg export`` calls it)."""
         return save_trained_vlt(self, out_dir)
 
+    def load_exported(self, state: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+        """Take the network weights and vocabulary of a folder :meth:`export` wrote (``init_from``)."""
+        self.net.load_state_dict(state)
+        if isinstance(config.get("tokenizer"), dict):
+            self.tokenizer = tokenizer_from_config(config["tokenizer"])
+
     def param_groups(self, base_lr: float) -> list[dict[str, Any]]:
         """Backbone (and Darknet top) at ``base_lr``; fusion, text, transformer and head at
         ``base_lr * head_lr_mult`` (a pretrained backbone wants the smaller rate)."""
