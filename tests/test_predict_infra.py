@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import imgviz
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,7 @@ from langseg.predict import (
     upsample_argmax,
 )
 from langseg.predict.tta import window_starts
-from langseg.viz import draw_legend, fit_legend, overlay, palette, palette_image, voc_colours
+from langseg.viz import draw_legend, fit_legend, overlay, overlay_without, palette, palette_image, voc_colours
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
@@ -259,6 +260,39 @@ def test_legend_fits_inside_the_picture_and_shows_each_colour() -> None:
             Image.new("RGB", (width, height)), list(zip(texts, palette(len(texts)), strict=True))
         )
         assert drawn.size == (width, height)
+
+
+def test_fast_overlay_and_legend_match_imgviz() -> None:
+    """langseg blends and draws legends itself for speed; imgviz's own functions are the reference."""
+    image = RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    mask = RNG.integers(0, 4, (48, 64))
+    colours = voc_colours(4)
+    for alpha, skip in ((0.5, []), (0.3, 0), (0.7, [0, 2])):
+        weights = {k: (0.0 if k in ([skip] if isinstance(skip, int) else skip) else alpha) for k in range(4)}
+        expected = imgviz.label2rgb(mask, image, alpha=weights, colormap=colours)
+        got = np.asarray(overlay_without(image, mask, colours, alpha, skip))
+        assert np.abs(got.astype(int) - expected).max() <= 1  # float32 against imgviz's float64
+        assert np.array_equal(got[mask == 3], expected[mask == 3]) or alpha != 0.5
+    grey = np.full((128, 160, 3), 100, np.uint8)
+    # One long row (shortened with "…" at the smallest font) and one short one.
+    long_row = "the large circle on the left " * 3
+    for texts in (["red circle (0.93, 4.1%)", "the large square"], [long_row, "sky"]):
+        size, fitted = fit_legend(texts, 160, 128)
+        items = list(zip(fitted, [(255, 0, 0), (0, 255, 0)], strict=True))
+        ours = np.asarray(draw_legend(Image.fromarray(grey), items)).astype(int)
+        reference = imgviz.components.legend(grey, items=items, font_size=size, loc="rb").astype(int)
+        box = lambda a: np.argwhere((a != 100).any(-1))  # noqa: E731
+        assert np.abs(box(ours).min(0) - box(reference).min(0)).max() <= 2
+        assert np.abs(box(ours).max(0) - box(reference).max(0)).max() <= 2
+        # Same glyphs in the same places (glyph by glyph, a pixel either way): almost every dark text
+        # pixel of ours has one of imgviz's within a pixel, and as many of them.
+        dark_ours, dark_ref = ours.sum(-1) < 200, reference.sum(-1) < 200
+        near = np.zeros_like(dark_ref)
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                near |= np.roll(dark_ref, (dy, dx), axis=(0, 1))
+        assert dark_ref.sum() > 50 and (dark_ours & near).sum() >= 0.9 * dark_ours.sum()
+        assert 0.8 <= dark_ours.sum() / dark_ref.sum() <= 1.25
 
 
 def test_label_scores_are_mean_probabilities_of_each_labels_pixels() -> None:

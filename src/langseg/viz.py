@@ -15,7 +15,7 @@ from pathlib import Path
 
 import imgviz
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 LegendItem = tuple[str, Sequence[int]]  # (text, RGB colour)
 MIN_FONT, MAX_FONT = 6, 28
@@ -65,23 +65,54 @@ def overlay_without(
     skip: int | Sequence[int] = 0,
 ) -> Image.Image:
     """Like :func:`overlay`, but pixels of the classes ``skip`` (e.g. 0 = nothing referred, or the
-    "background" label) stay untouched."""
-    skipped = {skip} if isinstance(skip, int) else set(skip)
-    weights = {int(k): (0.0 if k in skipped else alpha) for k in range(len(colours))}
-    return Image.fromarray(imgviz.label2rgb(mask, image, alpha=weights, colormap=np.asarray(colours)))
+    "background" label) stay untouched.
+
+    The same blend as ``imgviz.label2rgb`` (``round((1 - a) * pixel + a * colour)``), computed only on
+    the coloured pixels and in float32: a batch run draws one overlay per image, and the general
+    function's float64 pass over the whole image (plus its ``np.unique``) cost more than the network.
+    """
+    colours = np.asarray(colours, np.uint8)
+    weights = np.full(len(colours), alpha, np.float32)
+    weights[[k for k in ({skip} if isinstance(skip, int) else set(skip)) if 0 <= k < len(colours)]] = 0.0
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=-1)
+    picture = np.array(image, np.uint8)
+    where = weights[mask] > 0
+    labels = mask[where]
+    weight = weights[labels][:, None]
+    blended = (1 - weight) * picture[where] + weight * colours[labels]
+    picture[where] = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    return Image.fromarray(picture)
+
+
+# imgviz's legend font: langseg draws its legends itself with one cached font per size, because imgviz
+# loads the TrueType file anew for every text it measures or draws (four loads for a two-row legend: the
+# largest cost of writing an image's outputs in a batch run).
+LEGEND_FONT = Path(imgviz.__file__).parent / "draw" / "fonts" / "DejaVuSansMono.ttf"
+
+
+@lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(LEGEND_FONT), size=size)
 
 
 @lru_cache(maxsize=256)
 def _text_size(text: str, size: int) -> tuple[int, int]:
-    """(height, width) of ``text`` in imgviz's font at ``size`` px (cached: imgviz reloads the font)."""
-    height, width = imgviz.draw.text_size(text, size)
+    """(height, width) of one line of ``text`` in the legend font at ``size`` px (imgviz's measure)."""
+    width, height = _font(size).getbbox(text or "\n")[2:]
     return int(height), int(width)
+
+
+def _monospaced(text: str) -> bool:
+    """Whether every character of ``text`` takes the font's one advance (ASCII, and the "…" that
+    shortened legend texts end with)."""
+    return text.isascii() or text.replace("…", "").isascii()
 
 
 def _text_width(text: str, size: int) -> int:
     """Width of ``text`` at ``size`` px. imgviz's font is monospaced, so ASCII text is a character's
     width times its length: no per-text measuring for texts that change with every image."""
-    if text.isascii():
+    if _monospaced(text):
         return -(-len(text) * _text_size("M" * 100, size)[1] // 100)  # ceiling
     return _text_size(text, size)[1]
 
@@ -104,8 +135,10 @@ def fit_legend(texts: Sequence[str], width: int, height: int) -> tuple[int, list
     from the end ("+N more") until it fits."""
     texts = list(texts)
     start = int(np.clip(min(width, height) // 20, MIN_FONT + 4, MAX_FONT))
+    # Monospaced ASCII: the longest text is the widest, so the search measures only it.
+    widest = [max(texts, key=len)] * len(texts) if texts and all(_monospaced(t) for t in texts) else texts
     for size in range(start, MIN_FONT - 1, -1):
-        rows, cols = _legend_size(texts, size)
+        rows, cols = _legend_size(widest, size)
         if rows <= height and cols <= width:
             return size, texts
     size = MIN_FONT
@@ -131,9 +164,49 @@ def draw_legend(picture: Image.Image, items: Sequence[LegendItem], loc: str = "r
     colours = [tuple(int(c) for c in colour) for _, colour in items[: len(texts)]]
     if len(texts) < len(items):  # the "+N more" row has no colour of its own
         colours[-1] = (255, 255, 255)
-    rows = list(zip(texts, colours, strict=True))
-    drawn = imgviz.components.legend(np.asarray(picture), items=rows, font_size=size, loc=loc)
-    return Image.fromarray(drawn)
+    _draw_rows(picture := picture.copy(), list(zip(texts, colours, strict=True)), size, loc)
+    return picture
+
+
+def _draw_rows(picture: Image.Image, rows: list[tuple[str, tuple[int, ...]]], size: int, loc: str) -> None:
+    """imgviz's corner legend (``imgviz.components.legend``), drawn in place: a box washed half-way to
+    white, one colour swatch and one line of text per row (rows as tall as :func:`_legend_size` says)."""
+    row, width = _text_size("Mg|", size)[0], max(_text_width(t, size) for t, _ in rows)
+    pad = max(2, size // 6)
+    box_h, box_w = row * len(rows) + pad, width + row + 2 * pad
+    top = pad if loc[1] == "t" else picture.height - pad - box_h
+    left = pad if loc[0] == "l" else picture.width - pad - box_w
+    region = picture.crop((left, top, left + box_w, top + box_h))
+    picture.paste(Image.blend(region, Image.new(region.mode, region.size, (255, 255, 255)), 0.5), (left, top))
+    draw, swatch = ImageDraw.Draw(picture), row - 2 * pad
+    for i, (text, colour) in enumerate(rows):
+        y = top + i * row
+        draw.rectangle((left + pad, y + pad, left + pad + swatch, y + pad + swatch), fill=colour)
+        _draw_text(picture, draw, (left + row, y), text, size)
+
+
+def _draw_text(
+    picture: Image.Image, draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, size: int
+) -> None:
+    """Black ``text`` at ``xy``. The font is monospaced, so ASCII text is pasted glyph by glyph from a
+    cache (FreeType renders each character once per size, not every legend of every image again)."""
+    if not _monospaced(text):
+        draw.text(xy, text, fill=(0, 0, 0), font=_font(size))
+        return
+    advance = _text_size("M" * 100, size)[1] / 100
+    for i, char in enumerate(text):
+        if not char.isspace():
+            glyph = _glyph(char, size)
+            picture.paste((0, 0, 0), (round(xy[0] + i * advance), xy[1]), glyph)
+
+
+@lru_cache(maxsize=4096)
+def _glyph(char: str, size: int) -> Image.Image:
+    """One character as an anti-aliased ``"L"`` mask, one advance wide and one row tall."""
+    height, width = _text_size("Mg|", size)[0], _text_size(char, size)[1]
+    mask = Image.new("L", (max(width, 1), height), 0)
+    ImageDraw.Draw(mask).text((0, 0), char, fill=255, font=_font(size))
+    return mask
 
 
 def palette_image(mask: np.ndarray, colours: np.ndarray) -> Image.Image:
