@@ -14,8 +14,19 @@ from typing import Any
 import torch
 
 from langseg.errors import BadConfigError, BadDataError
-from langseg.hub import read_checkpoint, resolve_weights, save_checkpoint
+from langseg.hub import (
+    checkpoint_files,
+    clean_message,
+    config_dict,
+    config_normalisation,
+    read_checkpoint,
+    reading_config,
+    resolve_weights,
+    save_checkpoint,
+    state_mismatch,
+)
 from langseg.models.vlt import THRESHOLD, VLT, vlt_darknet53, vlt_shapes, vlt_swinb, vlt_tiny
+from langseg.predict.base import check_probability
 from langseg.predict.images import IMAGENET_MEAN, IMAGENET_STD, UNIT_MEAN, UNIT_STD
 from langseg.predict.referrer import UPSAMPLE, Letterbox, Referrer
 from langseg.predict.tokenizers import Tokenizer, Vocab, tokenizer_from_config
@@ -23,7 +34,7 @@ from langseg.registry import Family, ModelEntry, WeightsSpec, register_family, r
 from langseg.zoo.options import as_float_dtype
 
 # Weights that ship inside the package (langseg/weights/<name>/), checked by digest when loaded.
-VLT_SHAPES_SHA256 = "0d23b4ec9885edae0e92793c56b1eb09d2579d5c32396629011402afae08c572"
+VLT_SHAPES_SHA256 = "2e2e7b615de0b4c4534732f897307dd646c6551547a6cb6f945f0e03170c4085"
 
 
 @dataclass(frozen=True)
@@ -43,11 +54,8 @@ class VLTOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", as_float_dtype(self.dtype))
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
-            raise BadConfigError(f"threshold must be a number in (0, 1), got {self.threshold!r}")
-        if not 0.0 < self.threshold < 1.0:
-            raise BadConfigError(f"threshold must be in (0, 1), got {self.threshold}", hint="VLT uses 0.35.")
-        if self.upsample not in UPSAMPLE:
+        object.__setattr__(self, "threshold", check_probability(self.threshold, "threshold"))  # VLT: 0.35
+        if not isinstance(self.upsample, str) or self.upsample not in UPSAMPLE:
             raise BadConfigError(f"unknown upsample {self.upsample!r}", hint=f"Use one of {UPSAMPLE}.")
 
 
@@ -76,31 +84,49 @@ def save_vlt(
 
 
 def load_vlt(entry: ModelEntry, weights: Path | None = None) -> tuple[VLT, Tokenizer, dict[str, Any]]:
-    """(network with weights, tokenizer, checkpoint config) of ``entry`` or of a local checkpoint."""
-    state, config = read_checkpoint(resolve_weights(entry.weights, entry.name, weights))
+    """(network with weights, tokenizer, checkpoint config) of ``entry`` or of a local checkpoint.
+
+    Every value of ``config.json`` is checked before it is used: the network is first built on the meta
+    device (no memory, whatever sizes the file claims) and its tensors compared with the file's, so a
+    mismatch names the first key that differs.
+
+    Raises:
+        BadDataError: the folder's config or weights are malformed, hold NaN/inf, or do not fit.
+    """
+    source = resolve_weights(entry.weights, entry.name, weights)
+    state, config = read_checkpoint(source)
+    config_file = checkpoint_files(source)[0]
+    if config.get("family", "vlt") != "vlt":
+        raise BadDataError(
+            f"{config_file} describes a {config.get('family')!r:.40} model, not a VLT",
+            hint=f"Load the folder by itself (langseg.load({str(source)!r})): its config names the model.",
+        )
     if not isinstance(config.get("tokenizer"), dict):
         raise BadDataError(
-            "the checkpoint's config.json records no tokenizer",
+            f"{config_file} records no tokenizer",
             hint="Save VLT checkpoints with langseg.zoo.vlt.save_vlt (it stores the vocabulary).",
         )
-    model = entry.builder(**{**entry.kwargs, **config.get("kwargs", {})})
-    tokenizer = tokenizer_from_config(config["tokenizer"])
-    embed = getattr(model.text, "embed", None)
+    kwargs = {**entry.kwargs, **config_dict(config, "kwargs", config_file)}
+    with reading_config(config_file, "building the tokenizer"):
+        tokenizer = tokenizer_from_config(config["tokenizer"])
+    with reading_config(config_file, f"building {entry.name} from its kwargs"), torch.device("meta"):
+        shapes = entry.builder(**kwargs)
+    problem = state_mismatch(shapes.state_dict(), state)
+    if problem is not None:
+        raise BadDataError(
+            f"the weights in {source} do not fit {entry.name}: {problem}",
+            hint="Load it with the registry name it was saved under (or the folder by itself).",
+        )
+    embed = getattr(shapes.text, "embed", None)
     if isinstance(tokenizer, Vocab) and embed is not None and len(tokenizer) > embed.num_embeddings:
         raise BadDataError(
-            f"the vocabulary has {len(tokenizer)} ids but the model embeds {embed.num_embeddings}",
+            f"{config_file}: the vocabulary has {len(tokenizer)} ids but the model embeds "
+            f"{embed.num_embeddings}",
             hint="Save the checkpoint with the vocabulary it was trained with (save_vlt).",
         )
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # a tensor of the wrong shape
-        raise BadDataError(f"the checkpoint does not fit {entry.name}: {str(err)[:300]}") from err
-    if missing or unexpected:
-        raise BadDataError(
-            f"the checkpoint does not fit {entry.name} ({len(missing)} missing, {len(unexpected)} unexpected "
-            f"tensors, e.g. {(missing or unexpected)[:3]})",
-            hint="Load it with the registry name it was saved under.",
-        )
+    with reading_config(config_file, f"building {entry.name} from its kwargs"):
+        model = entry.builder(**kwargs)
+    model.load_state_dict(state, strict=True)  # fits: checked on the meta network above
     return model, tokenizer, config
 
 
@@ -109,12 +135,13 @@ def load_predictor(
 ) -> Referrer:
     """The family's ``load_predictor``: a Referrer with weights, vocabulary and normalisation."""
     model, tokenizer, config = load_vlt(entry, weights)
-    pre = {**entry.preprocess, **config.get("preprocess", {})}
-    letterbox = Letterbox(mean=tuple(pre.get("mean", UNIT_MEAN)), std=tuple(pre.get("std", UNIT_STD)))
+    source = checkpoint_files(resolve_weights(entry.weights, entry.name, weights))[0]
+    pre = {**entry.preprocess, **config_dict(config, "preprocess", source)}
+    mean, std = config_normalisation(pre, source, UNIT_MEAN, UNIT_STD)
     return Referrer(
         model.to(dtype=options.dtype),  # type: ignore[arg-type]
         tokenizer,
-        letterbox=letterbox,
+        letterbox=Letterbox(mean=mean, std=std),
         device=device,
         threshold=options.threshold,
         upsample=options.upsample,
@@ -127,7 +154,14 @@ def load_network(entry: ModelEntry, weights: Path | None, **kwargs: Any) -> VLT:
     if not kwargs:
         return model
     rebuilt = entry.builder(**{**entry.kwargs, **config.get("kwargs", {}), **kwargs})
-    rebuilt.load_state_dict(model.state_dict())
+    try:
+        rebuilt.load_state_dict(model.state_dict())
+    except RuntimeError as err:  # the keyword arguments changed a tensor's shape
+        raise BadConfigError(
+            f"create_model({entry.name!r}, ...): the keyword arguments {sorted(kwargs)} change the network, "
+            f"so the checkpoint's weights no longer fit ({clean_message(err, 200)})",
+            hint="Pass only arguments that keep the shapes (e.g. dropout), or pretrained=False.",
+        ) from None
     return rebuilt
 
 
