@@ -151,10 +151,15 @@ def test_options_are_checked_before_any_weights_are_looked_for(name, options, me
     assert re.search(message, f"{info.value.message} {info.value.hint}"), info.value.hint
 
 
-@pytest.mark.parametrize("device", ["cuda", "cuda:99", "bogus", "", "CPU"])
+@pytest.mark.parametrize("device", ["cuda:99", "bogus", "", "meta", "tpu"])
 def test_unusable_devices_are_config_errors(device: str) -> None:
-    with pytest.raises(BadConfigError, match="device"):
+    with pytest.raises(BadConfigError, match="device") as info:
         langseg.load("vlt-shapes", device=device)
+    assert "cpu" in info.value.message + info.value.hint  # names what there is
+
+
+def test_device_names_are_case_insensitive() -> None:
+    assert langseg.load("vlt-shapes", device=" CPU ").device == torch.device("cpu")
 
 
 def test_good_options_reach_the_predictor() -> None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,13 +37,15 @@ from torch import nn
 
 from langseg.errors import BadConfigError, BadExpressionError
 from langseg.models.vlt import THRESHOLD
-from langseg.predict.base import Predictor, PreparedImage
+from langseg.predict.base import Predictor, PreparedImage, as_list, check_flag, check_probability
 from langseg.predict.images import UNIT_MEAN, UNIT_STD, ImageInput
 from langseg.predict.letterbox import PAD_VALUE, Placement, crop_to_image, letterbox
 from langseg.predict.results import ReferringResult
 from langseg.predict.tokenizers import STOP_WORDS, Tokenizer, split_words
 
 UPSAMPLE = ("logits", "probability")
+# Expressions decoded in one batch at most (an endless generator must end in an error, not a hang).
+MAX_EXPRESSIONS = 4096
 
 
 class ExpressionWarning(UserWarning):
@@ -67,7 +69,7 @@ class Letterbox:
 def foreground_probability(logits: torch.Tensor, place: Placement, upsample: str = "logits") -> torch.Tensor:
     """``B x h x w`` output-grid logits -> ``B x H x W`` foreground probability at the original image
     size, resizing the logits (``upsample="logits"``) or their sigmoid (``"probability"``, official)."""
-    if upsample not in UPSAMPLE:
+    if not isinstance(upsample, str) or upsample not in UPSAMPLE:
         raise BadConfigError(f"unknown upsample {upsample!r}", hint=f"Use one of {UPSAMPLE}.")
     values = logits if upsample == "logits" else torch.sigmoid(logits)
     out = crop_to_image(values[:, None], place)[:, 0]
@@ -141,9 +143,8 @@ class Referrer(Predictor):
         threshold: float = THRESHOLD,
         upsample: str = "logits",
     ) -> None:
-        if not 0.0 < threshold < 1.0:
-            raise BadConfigError(f"threshold must be in (0, 1), got {threshold}", hint="VLT uses 0.35.")
-        if upsample not in UPSAMPLE:
+        threshold = check_probability(threshold, "threshold")  # VLT's is 0.35
+        if not isinstance(upsample, str) or upsample not in UPSAMPLE:
             raise BadConfigError(f"unknown upsample {upsample!r}", hint=f"Use one of {UPSAMPLE}.")
         super().__init__(model, device)
         self.tokenizer, self.upsample, self.threshold = tokenizer, upsample, threshold
@@ -209,10 +210,17 @@ class Referrer(Predictor):
             )
         return text
 
-    def expressions(self, texts: Sequence[str], cache_size: int = 16) -> Expressions:
+    def expressions(self, texts: Iterable[str], cache_size: int = 16) -> Expressions:
         """``texts`` checked (:meth:`check_expression`: errors, and warnings once) and tokenised, once per
-        set of expressions: a batch over many images reuses them."""
-        if isinstance(texts, str) or len(texts) == 0:
+        set of expressions: a batch over many images reuses them. Any iterable of strings (a list, a
+        generator, ...) is read once, up to :data:`MAX_EXPRESSIONS` of them."""
+        if isinstance(texts, str):
+            raise BadExpressionError(
+                f"texts must be a list of expressions, got the single string {texts!r:.80}",
+                hint=f"Pass texts=[{texts!r:.60}], or use refer(image, text) for one expression.",
+            )
+        texts = as_list(texts, "expressions", BadExpressionError, MAX_EXPRESSIONS)  # generators too
+        if not texts:
             raise BadExpressionError("texts must be a non-empty list of expressions")
         key = tuple(texts) if all(isinstance(t, str) for t in texts) else None
         if key is not None and key in self._expressions:
@@ -248,17 +256,18 @@ class Referrer(Predictor):
         return self.refer_all(image, [text], keep_scores=keep_scores)[0]  # type: ignore[list-item]
 
     def refer_all(
-        self, image: ImageInput | None, texts: Sequence[str], keep_scores: bool = False
+        self, image: ImageInput | None, texts: Iterable[str], keep_scores: bool = False
     ) -> list[ReferringResult]:
         """One result per expression in ``texts``, decoded in one batch over one image encoding."""
         return self.finish(self.infer(image, texts, keep_scores))
 
     @torch.inference_mode()
     def infer(
-        self, image: ImageInput | PreparedImage | None, texts: Sequence[str], keep_scores: bool = False
+        self, image: ImageInput | PreparedImage | None, texts: Iterable[str], keep_scores: bool = False
     ) -> ReferringLogits:
         """The network's part of :meth:`refer_all`: output-grid logits for every expression. ``image``
         may be a :class:`PreparedImage` from :meth:`prepare`."""
+        keep_scores = check_flag(keep_scores, "keep_scores")
         expressions = self.expressions(texts)
         if isinstance(image, PreparedImage):
             self.set_prepared(image)

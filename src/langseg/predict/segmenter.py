@@ -24,8 +24,9 @@ below it go to the label named ``background`` or ``other`` (which must be among 
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+import unicodedata
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +36,7 @@ from PIL import Image
 from torch import nn
 
 from langseg.errors import BadConfigError, BadLabelsError
-from langseg.predict.base import Predictor, PreparedImage
+from langseg.predict.base import Predictor, PreparedImage, as_list, check_flag, check_probability
 from langseg.predict.images import CLIP_MEAN, CLIP_STD, ImageInput
 from langseg.predict.results import BACKGROUND_NAMES, SegmentationResult
 from langseg.predict.tta import InferencePlan, run_plan, scaled_inputs, upsample_argmax
@@ -105,34 +106,55 @@ class SegmentationLogits:
     keep_scores: bool = False
 
 
-def parse_labels(labels: Sequence[str], max_labels: int) -> tuple[list[str], list[list[str]]]:
-    """(display names, aliases per label) from user labels; raises :class:`BadLabelsError`."""
+LABELS_HINT = 'Pass a list of distinct, non-empty label strings, e.g. labels=["cat", "sofa", "other"].'
+
+
+def _visible(text: str) -> bool:
+    """Whether ``text`` has a character that shows: not only spaces, control or format characters (a
+    zero-width space alone is an empty label too)."""
+    return any(unicodedata.category(ch)[0] not in ("C", "Z") for ch in text)
+
+
+def parse_labels(labels: Iterable[str], max_labels: int) -> tuple[list[str], list[list[str]]]:
+    """(display names, aliases per label) from user labels; raises :class:`BadLabelsError`.
+
+    ``labels`` is any iterable of strings (a list, tuple, generator, ...); it is read once, and at most
+    ``max_labels + 1`` items are read, so an endless generator is an error, not a hang.
+    """
     if isinstance(labels, str):
         raise BadLabelsError(
-            f"labels must be a list of strings, got the single string {labels!r}",
-            hint=f'Pass labels=[{labels!r}, "other"] or split it yourself.',
+            f"labels must be a list of strings, got the single string {labels!r:.80}",
+            hint=f'Pass labels=[{labels!r:.40}, "other"] or split it yourself.',
         )
+    items = as_list(
+        labels,
+        "labels",
+        BadLabelsError,
+        max_labels,
+        hint=LABELS_HINT,
+        limit_hint="Split the label set over several calls, or raise max_labels if memory allows.",
+    )
     names, aliases = [], []
-    for raw in labels:
+    for raw in items:
         if not isinstance(raw, str):
-            raise BadLabelsError(f"every label must be a string, got {type(raw).__name__}")
-        parts = [p.strip() for p in raw.split(";") if p.strip()]
+            raise BadLabelsError(
+                f"every label must be a string, got {type(raw).__name__} {raw!r:.60}", hint=LABELS_HINT
+            )
+        parts = [p.strip() for p in raw.split(";") if _visible(p)]
         if not parts:
-            raise BadLabelsError(f"empty label {raw!r}")
+            what = "empty label" if not raw.strip() else "empty label (no visible characters)"
+            raise BadLabelsError(f"{what} {raw!r:.60}", hint=LABELS_HINT)
         names.append(parts[0])
         aliases.append(parts)
     if not names:
-        raise BadLabelsError("no labels given")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+        raise BadLabelsError("no labels given", hint=LABELS_HINT)
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
+        shown = ", ".join(repr(d) if len(d) <= 40 else repr(d[:40] + "...") for d in duplicates[:5])
         raise BadLabelsError(
-            f"duplicate labels: {', '.join(duplicates)}",
+            f"duplicate labels: {shown}"
+            + (f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""),
             hint="Give each label once; join synonyms with ';' as in 'person; man; woman'.",
-        )
-    if len(names) > max_labels:
-        raise BadLabelsError(
-            f"{len(names)} labels is over this model's limit of {max_labels}",
-            hint="Split the label set over several calls, or raise max_labels if memory allows.",
         )
     return names, aliases
 
@@ -171,6 +193,13 @@ class Segmenter(Predictor):
         refine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         text_batch_size: int = 256,
     ) -> None:
+        for name, value in (("max_labels", max_labels), ("text_cache_size", text_cache_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BadConfigError(f"{name} must be a positive integer, got {value!r:.80}")
+        if plan is not None and not isinstance(plan, InferencePlan):
+            raise BadConfigError(f"plan must be an InferencePlan, got {type(plan).__name__}")
+        if preprocess is not None and not isinstance(preprocess, Preprocess):
+            raise BadConfigError(f"preprocess must be a Preprocess, got {type(preprocess).__name__}")
         super().__init__(model, device)
         self.tokenizer, self.templates = tokenizer, check_templates(templates)
         self.plan = plan or InferencePlan()
@@ -302,6 +331,7 @@ class Segmenter(Predictor):
     ) -> SegmentationLogits:
         """The network's part of :meth:`segment`: the plan's logits at the working resolution. ``image``
         may be a :class:`PreparedImage` from :meth:`prepare`."""
+        keep_scores = check_flag(keep_scores, "keep_scores")
         label_set = self.label_set(labels)
         background = _background_index(label_set.names, background_threshold)
         if isinstance(image, PreparedImage):
@@ -370,8 +400,7 @@ def _background_index(names: list[str], threshold: float | None) -> int | None:
                 hint='Add a second label such as "other" (or "background", with background_threshold).',
             )
         return None
-    if not 0.0 < threshold < 1.0:
-        raise BadLabelsError(f"background_threshold must be in (0, 1), got {threshold}")
+    check_probability(threshold, "background_threshold", BadLabelsError)
     for i, name in enumerate(names):
         if name.lower() in BACKGROUND_NAMES:
             return i
