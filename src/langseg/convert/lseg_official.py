@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -35,7 +34,7 @@ from typing import Any, NamedTuple
 import torch
 
 from langseg.errors import BadConfigError, BadDataError, MissingWeightsError
-from langseg.hub import save_checkpoint
+from langseg.hub import as_path, check_finite, is_file, save_checkpoint, torch_load_safely
 from langseg.models.lseg import LSEG_CONFIGS, OFFICIAL_LOGIT_SCALE, TEXT_ENCODER_CONFIGS, LSegNet
 from langseg.models.text import ClipTextEncoder
 
@@ -155,42 +154,32 @@ class ConvertedLSeg(NamedTuple):
 
 def read_official_checkpoint(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(state_dict, hyper_parameters)`` of a Lightning checkpoint, loaded without running pickled code."""
-    path = Path(path)
-    if not path.is_file():
+    path = as_path(path, "the official checkpoint path")
+    if not is_file(path):
         raise MissingWeightsError(
             f"no checkpoint at {path}", hint="Check the path to the official .ckpt (see docs/lseg.md)."
         )
-    try:
-        # Scoped, not global: other torch.load calls in the process keep the default allowlist.
-        with torch.serialization.safe_globals(LIGHTNING_STAND_INS):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise BadDataError(
-            f"{path} contains pickled objects that safe loading refuses: {_refused(path, error)}",
-            hint="Only tensors and plain containers are read. In an environment you trust, re-save just the "
-            "weights: torch.save({'state_dict': torch.load(p, weights_only=False)['state_dict']}, out).",
-        ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise BadDataError(f"{path} is not a readable PyTorch checkpoint: {error}") from error
+    ckpt = torch_load_safely(path, LIGHTNING_STAND_INS)
     if not isinstance(ckpt, dict):
         raise BadDataError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     state = ckpt.get("state_dict", ckpt)
-    hyper = ckpt.get("hyper_parameters") or {}
+    hyper = ckpt.get("hyper_parameters")
     hyper = vars(hyper) if isinstance(hyper, argparse.Namespace) else hyper  # hparams saved as a Namespace
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BadDataError(f"{path} has no tensor state_dict")
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise BadDataError(f"{path} has no tensor state_dict (names -> tensors)")
     return state, dict(hyper) if isinstance(hyper, dict) else {}
 
 
-def _refused(path: Path, error: Exception) -> str:
-    """The globals ``path`` pickles that no stand-in covers (read from its opcodes; nothing runs)."""
+def _option_int(name: str, value: Any) -> int:
+    """An official integer option (``arch_option``, ``block_depth``) given or read from hyper-parameters."""
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # legacy or damaged files: fall back to torch's own message
-        names = []
-    covered = {name for _, name in LIGHTNING_STAND_INS}
-    names = [name for name in names if name not in covered]
-    return ", ".join(names) if names else str(error).splitlines()[0]
+        if isinstance(value, bool) or float(value) != int(value):
+            raise ValueError
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise BadConfigError(f"official {name} must be an integer, got {value!r:.80}") from None
 
 
 def _resolve_variant(state: dict[str, torch.Tensor], hyper: dict[str, Any], variant: str | None) -> str:
@@ -208,7 +197,7 @@ def _resolve_variant(state: dict[str, torch.Tensor], hyper: dict[str, Any], vari
             )
         return variant
     if backbone is not None:
-        if backbone not in _BACKBONE_VARIANTS:
+        if not isinstance(backbone, str) or backbone not in _BACKBONE_VARIANTS:
             raise BadConfigError(
                 f"official backbone {backbone!r} is not supported",
                 hint=f"Supported: {', '.join(_BACKBONE_VARIANTS)}; or pass variant= explicitly.",
@@ -267,8 +256,13 @@ def official_to_langseg(
     if not any(k.startswith("net.") for k in state):  # a bare LSegNet state dict
         state = {f"net.{k}": v for k, v in state.items()}
     variant = _resolve_variant(state, hyper, variant)
-    arch = int(arch_option if arch_option is not None else hyper.get("arch_option", 0))
-    depth = int(block_depth if block_depth is not None else hyper.get("block_depth", 0))
+    arch = _option_int("arch_option", arch_option if arch_option is not None else hyper.get("arch_option", 0))
+    depth = _option_int(
+        "block_depth", block_depth if block_depth is not None else hyper.get("block_depth", 0)
+    )
+    activation = activation or hyper.get("activation", "lrelu")
+    if not isinstance(activation, str):
+        raise BadConfigError(f"official activation must be a name, got {activation!r:.80}")
     if arch not in _ARCH_OPTIONS:
         raise BadConfigError(
             f"unknown official arch_option {arch}", hint="Use 0, 1 (bottleneck) or 2 (depthwise)."
@@ -280,7 +274,7 @@ def official_to_langseg(
         "spatial_reg": _ARCH_OPTIONS[arch],
         # The official head applies its one block max(block_depth, 1) times, the last without activation.
         "spatial_reg_depth": max(depth, 1),
-        "spatial_reg_activation": activation or hyper.get("activation", "lrelu"),
+        "spatial_reg_activation": activation,
         "logit_scale": OFFICIAL_LOGIT_SCALE,
     }
     text_kwargs = dict(TEXT_ENCODER_CONFIGS[variant])
@@ -290,7 +284,7 @@ def official_to_langseg(
             "text": {k: v.shape for k, v in ClipTextEncoder(**text_kwargs).state_dict().items()},
         }
     out: dict[str, dict[str, torch.Tensor]] = {"net": {}, "text": {}}
-    unexpected, mismatched, dropped = [], [], []
+    unexpected, mismatched, dropped, floating = [], [], [], []
     for key, tensor in state.items():
         kind, new_key = _map_key(key.removeprefix("net.")) if key.startswith("net.") else ("unknown", key)
         if kind == "drop":
@@ -301,11 +295,15 @@ def official_to_langseg(
             mismatched.append(f"{key}: {tuple(tensor.shape)} vs {tuple(targets[kind][new_key])} ({new_key})")
         else:
             out[kind][new_key] = tensor.float() if tensor.is_floating_point() else tensor
+            if tensor.is_floating_point():
+                floating.append(key)
     out["net"]["logit_scale"] = torch.tensor(math.log(OFFICIAL_LOGIT_SCALE))
     missing = [
         _official_name(kind, k) for kind in ("net", "text") for k in targets[kind] if k not in out[kind]
     ]
     _raise_on_problems(variant, arch, missing, unexpected, mismatched)
+    # NaN/inf weights would load without a word and give NaN scores: name them (official key names).
+    check_finite({key: state[key] for key in floating}, "the official LSeg checkpoint")
     config = {
         "format": "langseg",
         "model": variant,  # the registry name langseg.load() builds the predictor from

@@ -4,7 +4,9 @@ A checkpoint is ``out_dir/checkpoints/step_XXXXXXXX.pt``, written by ``torch.sav
 containers only, so ``torch.load(path, weights_only=True)`` reads it without executing pickled code.
 Writes go to a hidden temporary file in the same folder (``.step_XXXXXXXX.pt.<random>.tmp``), are
 fsynced and then renamed over the final name with ``os.replace``: a reader sees either no checkpoint or
-a complete one, and a crash mid-write leaves only a temporary file that never matches ``step_*.pt``.
+a complete one, and a crash mid-write leaves only a temporary file that never matches ``step_*.pt``
+(the next run removes it: :func:`remove_stale_temporaries`). Before a resume, every entry is checked
+against this run's own objects (:mod:`langseg.train.resume_checks`), so a damaged file fails at once.
 """
 
 from __future__ import annotations
@@ -25,8 +27,16 @@ from torch import nn
 
 from langseg.distributed import DistInfo
 from langseg.errors import BadConfigError, BadDataError, OutputError
+from langseg.hub import as_path, check_finite, clean_message, is_dir, is_file, torch_load_safely
 from langseg.train.config import TrainConfig
 from langseg.train.optim import PolyWarmup
+from langseg.train.resume_checks import (
+    OLDER,
+    check_optimizer_state,
+    check_resume_state,
+    read_metrics_log,
+    remove_stale_temporaries,
+)
 
 __all__ = [
     "TrainState",
@@ -37,6 +47,8 @@ __all__ = [
     "load_checkpoint",
     "prune_checkpoints",
     "rank_seed",
+    "read_metrics_log",
+    "remove_stale_temporaries",
     "resolve_resume",
     "restore_training",
     "save_checkpoint",
@@ -140,28 +152,40 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a training checkpoint with ``weights_only=True`` onto the CPU.
+    """Read a training checkpoint with ``weights_only=True`` onto the CPU (through
+    :func:`langseg.hub.torch_load_safely`, the one ``torch.load``); its ``model`` is checked to be a
+    state dict of finite tensors. :func:`check_resume_state` checks the rest before a resume.
 
     Raises:
-        BadDataError: the file is unreadable, truncated or not a langseg training checkpoint.
+        BadConfigError: there is no file at ``path``.
+        BadDataError: the file is unreadable, truncated, refused for safety, not a langseg training
+            checkpoint, or its ``model`` is missing, malformed or holds NaN/inf.
     """
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+    path = as_path(path, "the checkpoint path")
+    if not is_file(path):
         raise BadConfigError(
             f"checkpoint {path} not found", hint="Pass an existing .pt file, a run folder, or auto."
-        ) from None
-    except Exception as err:  # truncated zip, pickle refusing a class, ...: all mean "not usable"
-        raise BadDataError(
-            f"cannot read checkpoint {path}: {err}",
-            hint="Resume from another checkpoint in the folder (an older step).",
-        ) from None
+        )
+    try:
+        state = torch_load_safely(path)
+    except BadDataError as err:
+        raise BadDataError(err.message, hint=f"{err.hint} {OLDER}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise BadDataError(
             f"{path} is not a langseg training checkpoint",
             hint="Pass a step_*.pt file written by `langseg train`.",
         )
+    model = state.get("model")
+    # Values are tensors, or a module's get_extra_state() under "..._extra_state" (VLT's tokenizer).
+    if not isinstance(model, dict) or not all(
+        isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("_extra_state"))
+        for k, v in model.items()
+    ):
+        what = "no 'model' entry" if model is None else "a 'model' entry that is not a state dict"
+        raise BadDataError(f"checkpoint {path} has {what}", hint=OLDER)
+    if not isinstance(state.get("task", ""), str):
+        raise BadDataError(f"checkpoint {path}: 'task' is not a task name", hint=OLDER)
+    check_finite(model, f"checkpoint {path}")
     return state
 
 
@@ -226,6 +250,14 @@ def restore_training(
     Every rank reads the file itself (a shared file system is assumed, as for the output folder).
     """
     state_dict = load_checkpoint(path)
+    templates = {
+        "state": vars(TrainState()),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": get_rng_state(),
+        "param_groups": optimizer.state_dict()["param_groups"],
+    }
+    check_resume_state(state_dict, path, templates)
     if state_dict.get("task") != config.task:
         raise BadConfigError(
             f"checkpoint {path} is from task {state_dict.get('task')!r}, not {config.task!r}",
@@ -234,11 +266,12 @@ def restore_training(
     try:
         module.load_state_dict(state_dict["model"])
         optimizer.load_state_dict(state_dict["optimizer"])
-    except (RuntimeError, ValueError) as err:  # missing/unexpected keys, shapes, group sizes
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:  # keys, shapes, group sizes
         raise BadConfigError(
-            f"checkpoint {path} does not fit the model built from this config: {str(err)[:300]}",
+            f"checkpoint {path} does not fit the model built from this config: {clean_message(err)}",
             hint="Resume with the model settings (model, model_kwargs, ...) the checkpoint was trained with.",
         ) from None
+    check_optimizer_state(optimizer, path)
     scheduler.load_state_dict(state_dict["scheduler"])
     # The schedule follows the *current* config, so a resumed run may extend max_steps/epochs.
     fresh = PolyWarmup(total_steps, config.optim.poly_power, config.optim.warmup_steps)
@@ -252,7 +285,13 @@ def restore_training(
         info.world_size, config.data.batch_size, config.grad_accum_steps
     )  # fmt: skip
     if same_layout and len(rngs) == info.world_size:
-        set_rng_state(rngs[info.rank])
+        try:
+            set_rng_state(rngs[info.rank])
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:  # values out of range
+            raise BadDataError(
+                f"checkpoint {path} is damaged: its RNG state cannot be restored ({clean_message(err)})",
+                hint=OLDER,
+            ) from None
     else:
         # Another batch layout: keep the sample position (in whole steps) but the run is no longer
         # bit-identical to an uninterrupted one.
@@ -279,8 +318,8 @@ def load_initial_weights(module: nn.Module, source: str | Path) -> None:
     """
     from langseg.hub import read_checkpoint
 
-    path = Path(source)
-    if not path.exists():
+    path = as_path(source, "init_from")
+    if not (is_file(path) or is_dir(path)):
         raise BadConfigError(
             f"init_from: {path} not found", hint="Pass a step_*.pt checkpoint or an exported model folder."
         )

@@ -141,19 +141,26 @@ class _Recorder:
         self.progress = Progress(*columns, console=Console(stderr=True), disable=not show)
         self.task = self.progress.add_task("training", total=total, completed=start)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step`` (they belong to a run that was cut off)."""
+    def truncate_after(self, step: int | None) -> None:
+        """Drop records of steps after ``step`` (they belong to a run that was cut off; ``None``: all of
+        them, unread). A torn last line, from a kill mid-write, goes too (see ``read_metrics_log``)."""
         if not self.active or not self.path.is_file():
             return
-        records = [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in records if r["step"] <= step))
+        records = [] if step is None else [r for r in ckpt.read_metrics_log(self.path) if r["step"] <= step]
+        try:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        except OSError as err:
+            raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from None
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.active:
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(clean) + "\n")
+        except OSError as err:
+            raise OutputError(f"cannot write {self.path}: {err.strerror or err}") from None
 
     def advance(self, step: int, loss: float | None = None) -> None:
         if loss is not None:
@@ -263,8 +270,10 @@ def _fit(
             (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
         except OSError as err:
             raise OutputError(f"cannot write to {out_dir}: {err.strerror or err}") from err
+        # A save killed mid-write left a hidden temporary file; nothing else writes here now.
+        ckpt.remove_stale_temporaries(out_dir / "checkpoints")
         if resume_path is not None or auto:  # "auto" with no checkpoint yet starts the log over
-            recorder.truncate_after(state.step)
+            recorder.truncate_after(state.step if resume_path is not None else None)
     # Resuming a finished run must neither rewrite its last checkpoint nor log its evaluation twice.
     saved_at = state.step if resume_path is not None else -1
     last_ckpt: Path | None = resume_path

@@ -13,6 +13,8 @@ hang. See docs/dense_clip.md.
 from __future__ import annotations
 
 import difflib
+import os
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -23,7 +25,14 @@ import torch
 from torch import nn
 
 from langseg.errors import BadConfigError, BadDataError, MissingWeightsError, UnknownModelError
-from langseg.hub import open_clip_pretrained_cfg, open_clip_tags_hint, resolve_weights
+from langseg.hub import (
+    check_finite,
+    clean_message,
+    open_clip_pretrained_cfg,
+    open_clip_tags_hint,
+    refused_pickle_message,
+    resolve_weights,
+)
 from langseg.models.dense_clip import MODES, DenseCLIP, DenseCLIPModel
 from langseg.models.pamr import NACLIP_DILATIONS, NACLIP_ITERATIONS, PAMR
 from langseg.predict.images import CLIP_MEAN, CLIP_STD
@@ -37,7 +46,7 @@ from langseg.registry import (
     register_model,
     register_resolver,
 )
-from langseg.zoo.options import as_float_dtype
+from langseg.zoo.options import as_float_dtype, check_int, check_number, check_type
 
 # The 80 prompt templates of CLIP's ImageNet zero-shot classifier (Radford et al. 2021), which NACLIP,
 # SCLIP and ClearCLIP ensemble for every class name. "{}" stands for the label.
@@ -137,7 +146,26 @@ class DenseClipOptions:
         for name in ("short_side", "crop", "stride", "batch_size", "max_labels", "pamr_iterations"):
             value = numbers[name]
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise BadConfigError(f"{name} must be an integer, got {value!r}")
+                raise BadConfigError(f"{name} must be an integer, got {value!r:.80}")
+        check_int(self.pamr_iterations, "pamr_iterations", 0)
+        check_number(self.logit_scale, "logit_scale", positive=True, optional=True)
+        check_number(self.sigma, "sigma", positive=True)
+        for name in ("pamr", "quick_gelu"):
+            check_type(numbers[name], name, bool, "True, False or None")
+        check_type(self.cache_dir, "cache_dir", (str, os.PathLike), "a folder path")
+        dilations = self.pamr_dilations
+        if isinstance(dilations, (str, bytes)) or not isinstance(dilations, Sequence) or not dilations:
+            raise BadConfigError(f"pamr_dilations must be a list of positive integers, got {dilations!r:.80}")
+        for value in dilations:
+            check_int(value, "each of pamr_dilations", 1)
+        for name in ("mean", "std"):
+            value = numbers[name]
+            if value is None:
+                continue
+            if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
+                raise BadConfigError(f"{name} must be three numbers (R, G, B), got {value!r:.80}")
+            for number in value:
+                check_number(number, f"each of {name}", positive=name == "std")
 
     def resolved(self, mode: str) -> tuple[int, int, int, float, bool]:
         """(short_side, crop, stride, logit_scale, pamr) with the mode's defaults filled in, checked."""
@@ -197,12 +225,23 @@ def dense_clip_segmenter(
 
 
 def create_open_clip(arch: str, checkpoint: str | None, quick_gelu: bool, dtype: torch.dtype) -> nn.Module:
-    """open_clip ``arch`` with the weights of ``checkpoint`` (open_clip accepts a file as ``pretrained``)."""
+    """open_clip ``arch`` with the weights of ``checkpoint`` (open_clip accepts a file as ``pretrained``),
+    read with ``weights_only=True`` and checked for NaN/inf.
+
+    Raises:
+        BadDataError: the file does not fit ``arch``, is damaged, is refused for safety (it pickles code),
+            or holds NaN/inf weights.
+    """
     try:
-        model = open_clip.create_model(arch, pretrained=checkpoint, force_quick_gelu=quick_gelu)
+        model = open_clip.create_model(
+            arch, pretrained=checkpoint, force_quick_gelu=quick_gelu, weights_only=True
+        )
     except Exception as err:  # strict load mismatch, refused pickle, TorchScript archive, corrupt file
-        text = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         hint = f"Pass an open_clip state_dict saved for {arch} (.bin/.pt via torch.save, or .safetensors)."
+        text = clean_message(err)
+        if _caused_by(err, pickle.UnpicklingError) and checkpoint is not None:
+            refused = refused_pickle_message(checkpoint, err)
+            text = f"it contains pickled objects that safe loading refuses: {refused}"
         if "TorchScript" in str(err):
             hint = (
                 "This is a TorchScript archive (OpenAI's original .pt); langseg never runs code from files. "
@@ -210,7 +249,21 @@ def create_open_clip(arch: str, checkpoint: str | None, quick_gelu: bool, dtype:
                 ".state_dict(), 'weights.bin'), or use open_clip's own download."
             )
         raise BadDataError(f"cannot load {checkpoint} as open_clip {arch}: {text}", hint=hint) from err
+    if checkpoint is not None:
+        check_finite(model.state_dict(), checkpoint)
     return model.to(dtype)
+
+
+def _caused_by(err: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``err`` or an exception it was raised from or during is a ``kind``."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _open_clip_with_weights(

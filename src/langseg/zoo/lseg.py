@@ -10,7 +10,6 @@ records that preprocessing and its default plan. A langseg LSeg checkpoint is th
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,7 +17,23 @@ from typing import Any, NamedTuple
 import torch
 
 from langseg.errors import BadConfigError, BadDataError, MissingWeightsError
-from langseg.hub import CONFIG_NAME, read_checkpoint, resolve_weights
+from langseg.hub import (
+    CONFIG_NAME,
+    as_path,
+    checkpoint_files,
+    clean_message,
+    config_dict,
+    config_normalisation,
+    file_in_folder,
+    is_dir,
+    is_file,
+    read_checkpoint,
+    read_config,
+    read_safetensors,
+    reading_config,
+    resolve_weights,
+    state_mismatch,
+)
 from langseg.models.lseg import (
     LSEG_CONFIGS,
     LSeg,
@@ -33,7 +48,7 @@ from langseg.predict.images import HALF_MEAN, HALF_STD
 from langseg.predict.segmenter import Preprocess, Segmenter
 from langseg.predict.tta import PAPER_SCALES, InferencePlan
 from langseg.registry import Family, ModelEntry, WeightsSpec, register_family, register_model
-from langseg.zoo.options import as_float_dtype
+from langseg.zoo.options import as_float_dtype, check_int, check_type
 
 LSEG_TOKENIZER = "ViT-B-32"
 PLAN_NAMES = ("single", "paper", "native")
@@ -88,14 +103,18 @@ class LSegOptions:
         if isinstance(self.plan, str):
             lseg_plan(self.plan)  # raises on unknown names
         elif self.plan is not None and not isinstance(self.plan, InferencePlan):
-            raise BadConfigError(f"plan must be a name or an InferencePlan, got {type(self.plan).__name__}")
+            raise BadConfigError(
+                f"plan must be a name or an InferencePlan, got {type(self.plan).__name__} {self.plan!r:.80}",
+                hint=f"Use one of {', '.join(PLAN_NAMES)} or a langseg.predict.InferencePlan.",
+            )
         object.__setattr__(self, "dtype", as_float_dtype(self.dtype))
-        for name in ("max_labels", "text_cache_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise BadConfigError(f"{name} must be a positive integer, got {value!r}")
-        if isinstance(self.feature_cache_bytes, bool) or not isinstance(self.feature_cache_bytes, int):
-            raise BadConfigError(f"feature_cache_bytes must be an integer, got {self.feature_cache_bytes!r}")
+        check_int(self.max_labels, "max_labels", 1)
+        check_int(self.text_cache_size, "text_cache_size", 1)
+        check_int(self.feature_cache_bytes, "feature_cache_bytes", 0)
+        check_type(self.preprocess, "preprocess", Preprocess, "a langseg.predict.Preprocess")
+        check_int(self.arch_option, "arch_option", 0, optional=True)
+        check_int(self.block_depth, "block_depth", 0, optional=True)
+        check_type(self.activation, "activation", str, "an activation name such as 'lrelu'")
 
 
 class LSegBundle(NamedTuple):
@@ -117,14 +136,20 @@ def load_lseg(
     """Load an LSeg from a langseg folder (or its ``model.safetensors``) or an official ``.ckpt``.
 
     ``variant``, ``arch_option``, ``block_depth`` and ``activation`` only apply to official checkpoints
-    (see :func:`langseg.convert.official_to_langseg`). Modules stay in training mode.
+    (see :func:`langseg.convert.official_to_langseg`). Modules stay in training mode. The networks are
+    first built on the meta device from the config (no memory, whatever sizes it claims) and compared
+    with the weights, so a mismatch names the first key that differs.
+
+    Raises:
+        BadDataError: the config or weights are malformed, hold NaN/inf, or do not fit each other.
     """
     from langseg.convert.lseg_official import official_to_langseg, read_official_checkpoint
 
-    path = Path(path)
-    folder = path.parent if path.is_file() and path.suffix == ".safetensors" else path
-    if folder.is_dir():
+    path = as_path(path, "the LSeg checkpoint path")
+    folder = path.parent if is_file(path) and path.suffix == ".safetensors" else path
+    if is_dir(folder):
         config, net_state, text_state = _read_folder(folder)
+        config_file = folder / CONFIG_NAME
     else:
         state, hyper = read_official_checkpoint(path)
         converted = official_to_langseg(
@@ -132,39 +157,49 @@ def load_lseg(
         )
         del state  # the official dict can be >1 GB; keep only the converted copy
         config, net_state, text_state = converted
-    try:
-        net = LSegNet(**config["kwargs"])
-        text_encoder = ClipTextEncoder(**config["text_encoder"]["kwargs"])
-    except (KeyError, TypeError) as err:
-        raise BadDataError(f"the config of {path} is not a langseg LSeg config: {err}") from err
-    for module, tensors, what in ((net, net_state, "model"), (text_encoder, text_state, "text encoder")):
-        try:
-            module.load_state_dict(tensors, strict=True)
-        except RuntimeError as error:  # torch lists missing/unexpected keys and shape mismatches
-            raise BadDataError(f"{what} weights do not match the config: {error}") from error
+        config_file = path
+    net_kwargs = config_dict(config, "kwargs", config_file)
+    text_kwargs = config_dict(config_dict(config, "text_encoder", config_file), "kwargs", config_file)
+    with reading_config(config_file, "building the LSeg network from its kwargs"), torch.device("meta"):
+        shapes = (LSegNet(**net_kwargs), ClipTextEncoder(**text_kwargs))
+    for module, tensors, prefix in zip(
+        shapes, (net_state, text_state), ("net.", "text_encoder."), strict=True
+    ):
+        problem = state_mismatch(module.state_dict(), tensors)
+        if problem is not None:
+            raise BadDataError(
+                f"the weights in {path} do not fit the LSeg its config describes: {problem} "
+                f"(under {prefix!r})",
+                hint="Re-convert or re-export the model; the config and weights come from different models.",
+            )
+    with reading_config(config_file, "building the LSeg network from its kwargs"):
+        net, text_encoder = LSegNet(**net_kwargs), ClipTextEncoder(**text_kwargs)
+    net.load_state_dict(net_state, strict=True)  # fits: checked on the meta networks above
+    text_encoder.load_state_dict(text_state, strict=True)
     return LSegBundle(net, text_encoder, config)
 
 
 def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(config, net state, text state) of a langseg LSeg folder, in the one layout or langseg 0.1's."""
     config_file = folder / CONFIG_NAME
-    if not config_file.is_file():
+    if not is_file(config_file):
         raise MissingWeightsError(f"{folder} has no {CONFIG_NAME}", hint="Convert the checkpoint first.")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BadDataError(f"{config_file} is not valid JSON: {err}") from err
-    if not isinstance(config, dict) or config.get("family") != "lseg":
-        family = config.get("family") if isinstance(config, dict) else None
-        raise BadDataError(f"{folder} holds a {family!r} model, not LSeg")
-    legacy = config.get("text_encoder", {}).get("weights")
-    if legacy:  # langseg 0.1: the network and the text tower in two files
-        from safetensors.torch import load_file
-
-        try:
-            return config, load_file(str(folder / config["weights"])), load_file(str(folder / legacy))
-        except (OSError, KeyError) as err:
-            raise MissingWeightsError(f"weights file missing in {folder}: {err}") from err
+    config = read_config(config_file)
+    if config.get("family") != "lseg":
+        raise BadDataError(
+            f"{config_file} describes a {config.get('family')!r:.40} model, not LSeg",
+            hint=f"Load the folder by itself (langseg.load({str(folder)!r})): its config names the model.",
+        )
+    legacy = config_dict(config, "text_encoder", config_file).get("weights")
+    if legacy:  # langseg 0.1: the network and the text tower in two files, named by the config
+        named = ((config.get("weights"), "'weights'"), (legacy, "'text_encoder.weights'"))
+        files = [file_in_folder(folder, name, what) for name, what in named]
+        for file in files:
+            if not is_file(file):
+                raise MissingWeightsError(
+                    f"weights file {file} missing", hint="Convert the checkpoint again."
+                )
+        return config, read_safetensors(files[0]), read_safetensors(files[1])
     state, config = read_checkpoint(folder)
     parts: dict[str, dict[str, torch.Tensor]] = {"net": {}, "text_encoder": {}}
     for key, tensor in state.items():
@@ -236,23 +271,25 @@ def load_predictor(
     )
     if config.get("variant", config.get("model")) != entry.name:
         raise BadConfigError(
-            f"{source} holds {config.get('variant')!r}, not {entry.name!r}",
+            f"{source} holds {config.get('variant', config.get('model'))!r:.80}, not {entry.name!r}",
             hint=f"Load it as langseg.load({str(source)!r}) (its config.json names the model).",
         )
+    config_file = (
+        source if is_file(source) and source.suffix != ".safetensors" else checkpoint_files(source)[0]
+    )
     # A model trained by langseg records the plan and normalisation it suits: a name, or the fields of
     # an InferencePlan (e.g. {"base_size": 128}: every image resized to the training resolution).
-    plan = config.get("predict", {}).get("plan") or entry.plan or "single"
-    if isinstance(plan, dict):
-        plan = InferencePlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.items()})
-    pre = {**entry.preprocess, **config.get("preprocess", {})}
-    return lseg_segmenter(
-        LSeg(net, text_encoder),
-        device,
-        options,
-        default_plan=plan,
-        mean=tuple(pre.get("mean", HALF_MEAN)),  # type: ignore[arg-type]
-        std=tuple(pre.get("std", HALF_STD)),  # type: ignore[arg-type]
-    )
+    plan = config_dict(config, "predict", config_file).get("plan") or entry.plan or "single"
+    with reading_config(config_file, "the recorded test-time plan 'predict.plan'"):
+        if isinstance(plan, dict):
+            plan = InferencePlan(**{k: tuple(v) if isinstance(v, list) else v for k, v in plan.items()})
+        elif isinstance(plan, str):
+            lseg_plan(plan)
+        else:
+            raise BadDataError(f"a plan is a name or an object, got {plan!r:.80}")
+    pre = {**entry.preprocess, **config_dict(config, "preprocess", config_file)}
+    mean, std = config_normalisation(pre, config_file, HALF_MEAN, HALF_STD)
+    return lseg_segmenter(LSeg(net, text_encoder), device, options, default_plan=plan, mean=mean, std=std)
 
 
 def load_network(entry: ModelEntry, weights: Path | None, **kwargs: Any) -> LSegNet:
@@ -261,7 +298,14 @@ def load_network(entry: ModelEntry, weights: Path | None, **kwargs: Any) -> LSeg
     if not kwargs:
         return net
     rebuilt = LSegNet(**{**config["kwargs"], **kwargs})
-    rebuilt.load_state_dict(net.state_dict())
+    try:
+        rebuilt.load_state_dict(net.state_dict())
+    except RuntimeError as err:  # the keyword arguments changed a tensor's shape
+        raise BadConfigError(
+            f"create_model({entry.name!r}, ...): the keyword arguments {sorted(kwargs)} change the network, "
+            f"so the checkpoint's weights no longer fit ({clean_message(err, 200)})",
+            hint="Pass only arguments that keep the shapes (e.g. dropout), or pretrained=False.",
+        ) from None
     return rebuilt
 
 

@@ -7,6 +7,8 @@ pretrained catalogue and its cache. :func:`weights_available` says whether that 
 langseg checkpoints are a folder (or a ``.safetensors`` file with a ``config.json`` beside it) holding
 ``model.safetensors`` and ``config.json`` (``{"model": registry name, "kwargs": {...}, ...}``). Foreign
 checkpoints are read with ``torch.load(..., weights_only=True)`` so that no pickled code ever runs.
+:mod:`langseg.hub.files` holds the safe readers: every path, ``config.json`` and weights file a user
+passes is checked there (types, size, encoding, paths that leave a model folder, NaN weights).
 
 Without a network, a missing file is a :class:`MissingWeightsError` saying which file, where the cache
 is, and how to pass a local checkpoint, raised at once (hub calls run with ``HF_HUB_OFFLINE`` honoured
@@ -19,6 +21,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import threading
 from collections.abc import Mapping
@@ -28,15 +31,31 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from langseg.errors import BadDataError, MissingWeightsError, OutputError, UnknownModelError
+from langseg.hub.files import (  # noqa: F401 - re-exported
+    CONFIG_NAME,
+    MAX_CONFIG_BYTES,
+    WEIGHTS_NAME,
+    as_path,
+    check_finite,
+    clean_message,
+    config_dict,
+    config_normalisation,
+    file_in_folder,
+    is_dir,
+    is_file,
+    read_config,
+    read_safetensors,
+    reading_config,
+    refused_pickle_message,
+    state_mismatch,
+    torch_load_safely,
+)
 from langseg.registry import WeightsSpec
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-BUNDLED_DIR = Path(__file__).parent / "weights"
+BUNDLED_DIR = Path(__file__).parent.parent / "weights"
 
 
 def cache_dir() -> Path:
@@ -64,8 +83,8 @@ def resolve_weights(
     :class:`MissingWeightsError` saying how to convert (``convert``).
     """
     if path is not None:
-        local = Path(path).expanduser()
-        if not local.exists():
+        local = as_path(path, "the weights path").expanduser()
+        if not (is_file(local) or is_dir(local)):
             raise MissingWeightsError(f"checkpoint not found: {local}", hint="Check the path you passed.")
         return local
     if spec is None:
@@ -204,6 +223,7 @@ def save_checkpoint(
     temporary = [out / f".{WEIGHTS_NAME}.{os.getpid()}.tmp", out / f".{CONFIG_NAME}.{os.getpid()}.tmp"]
     try:
         out.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(out)
         save_file(_untie(state), str(temporary[0]), metadata={"format": "pt"})
         temporary[1].write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         # safetensors creates the file owner-only (0600); give it the mode config.json got from the
@@ -220,6 +240,21 @@ def save_checkpoint(
     return out
 
 
+# The temporary names save_checkpoint writes (".model.safetensors.<pid>.tmp"), and only those.
+_TEMPORARY = re.compile(rf"^\.(?:{re.escape(WEIGHTS_NAME)}|{re.escape(CONFIG_NAME)})\.(\d+)\.tmp$")
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete temporary files that a killed writer of another process left in ``out`` (never another
+    file: only names of :data:`_TEMPORARY`'s pattern)."""
+    with contextlib.suppress(OSError):
+        for path in out.iterdir():
+            match = _TEMPORARY.match(path.name)
+            if match and int(match.group(1)) != os.getpid() and path.is_file():
+                with contextlib.suppress(OSError):
+                    path.unlink()
+
+
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """safetensors refuses tensors sharing memory (tied weights); store each as its own copy."""
     seen: set[int] = set()
@@ -231,38 +266,29 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def checkpoint_files(path: str | Path) -> tuple[Path, Path]:
+    """``(config.json, weights file)`` of a langseg checkpoint folder or of its ``.safetensors`` file."""
+    path = as_path(path, "the checkpoint path")
+    folder = path.parent if is_file(path) else path
+    return folder / CONFIG_NAME, path if is_file(path) else folder / WEIGHTS_NAME
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, config) from a langseg checkpoint folder or its ``.safetensors`` file."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    weights = path if path.is_file() else folder / WEIGHTS_NAME
-    config_file = folder / CONFIG_NAME
+    """(state dict, config) from a langseg checkpoint folder or its ``.safetensors`` file.
+
+    Raises:
+        MissingWeightsError: the folder lacks ``config.json`` or the weights file.
+        BadDataError: either file is unreadable or malformed, or a tensor holds NaN or infinity.
+    """
+    config_file, weights = checkpoint_files(path)
     for required in (weights, config_file):
-        if not required.is_file():
+        if not is_file(required):
             raise MissingWeightsError(
                 f"{required} not found",
                 hint=f"A langseg checkpoint is a folder with {WEIGHTS_NAME} and {CONFIG_NAME}.",
             )
-    try:
-        config = json.loads(config_file.read_text())
-        state = load_file(str(weights))
-    except (json.JSONDecodeError, OSError, RuntimeError, ValueError, SafetensorError) as err:
-        raise BadDataError(f"cannot read the checkpoint at {folder}: {err}") from err
-    return state, config
-
-
-def torch_load_safely(path: str | Path) -> Any:
-    """``torch.load`` restricted to tensors and plain containers (no pickled code runs)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as err:
-        raise MissingWeightsError(f"checkpoint not found: {path}") from err
-    except Exception as err:  # pickle.UnpicklingError and friends: the file wants to run code or is corrupt
-        raise BadDataError(
-            f"{path} cannot be loaded safely ({type(err).__name__}: {str(err).splitlines()[0][:200]})",
-            hint="Only tensors and plain containers are read (weights_only=True); re-save the checkpoint's "
-            "state_dict, or convert it with `langseg convert`.",
-        ) from err
+    config = read_config(config_file)
+    return read_safetensors(weights), config
 
 
 # --------------------------------------------------------------------------------- open_clip weights
