@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "metrics": 1,
     "viz": 1,
     "distributed": 1,
+    "yamlio": 1,
     "hub": 2,
     "data": 2,
     "predict": 2,

@@ -19,7 +19,6 @@ shipped with langseg; see docs/data.md for where they come from. Without them PA
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -32,6 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from langseg.data.annotations import entry_field, read_json, read_text, short
 from langseg.data.refcoco import decode_segmentation, load_plain_pickle
 from langseg.data.semantic_datasets import (
     DOCS,
@@ -205,7 +205,7 @@ class PASCAL5i(_BinaryDataset):
         if not path.is_file():
             raise BadDataError(f"split list {path} not found", hint=PASCAL_HINT)
         items = []
-        for line in path.read_text().split():
+        for line in read_text(path, "split list", PASCAL_HINT).split():
             match = re.fullmatch(r"(.+)__(\d+)", line)
             if match is None or not 1 <= int(match[2]) <= 20:
                 raise BadDataError(f"{path}: {line!r} is not '<image>__<class 1-20>'", hint=PASCAL_HINT)
@@ -323,25 +323,45 @@ class COCO20i(_BinaryDataset):
 
     def _index_json(self, path: Path, classes: set[int], min_pixels: int) -> dict[int, list[str]]:
         """Index the class instances of ``classes`` per (file name, class); return derived pairs."""
-        try:
-            data = json.loads(path.read_text())
-            cat_ids = sorted(c["id"] for c in data["categories"])
-            images = {im["id"]: (im["file_name"], im["height"], im["width"]) for im in data["images"]}
-            annotations = data["annotations"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise BadDataError(f"{path} is not a COCO instances file: {err}", hint=COCO_HINT) from None
+        data = read_json(path, "COCO instances file", COCO_HINT)
+        where = f"{path} (a COCO instances file)"
+        categories, image_list, annotations = (
+            entry_field(data, key, list, where, COCO_HINT) for key in ("categories", "images", "annotations")
+        )
+        cat_ids = sorted({entry_field(c, "id", int, f"{path}: categories[{i}]", COCO_HINT)
+                          for i, c in enumerate(categories)})  # fmt: skip
+        images = {}
+        for i, im in enumerate(image_list):
+            at = f"{path}: images[{i}]"
+            images[entry_field(im, "id", int, at, COCO_HINT)] = (
+                entry_field(im, "file_name", str, at, COCO_HINT),
+                entry_field(im, "height", int, at, COCO_HINT),
+                entry_field(im, "width", int, at, COCO_HINT),
+            )
         if len(cat_ids) != 80:
             raise BadDataError(f"{path} has {len(cat_ids)} categories, COCO has 80", hint=COCO_HINT)
         index_of = {cat: i + 1 for i, cat in enumerate(cat_ids)}  # COCO id -> 1..80
         self.segments: dict[tuple[str, int], list[Any]] = defaultdict(list)
         self.sizes = {name: (h, w) for name, h, w in images.values()}
         area: dict[tuple[str, int], float] = defaultdict(float)
-        for ann in annotations:
-            c = index_of[ann["category_id"]]
+        for i, ann in enumerate(annotations):
+            at = f"{path}: annotations[{i}]"
+            category = entry_field(ann, "category_id", int, at, COCO_HINT)
+            image_id = entry_field(ann, "image_id", int, at, COCO_HINT)
+            if category not in index_of:
+                raise BadDataError(
+                    f"{at}: unknown category_id {category} (not in 'categories')", hint=COCO_HINT
+                )
+            if image_id not in images:
+                raise BadDataError(f"{at}: unknown image_id {image_id} (not in 'images')", hint=COCO_HINT)
+            c = index_of[category]
             if c in classes:
-                key = (images[ann["image_id"]][0], c)
-                self.segments[key].append(ann["segmentation"])
-                area[key] += ann.get("area", 0.0)
+                key = (images[image_id][0], c)
+                self.segments[key].append(entry_field(ann, "segmentation", (list, dict), at, COCO_HINT))
+                value = ann.get("area", 0.0)
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise BadDataError(f"{at}: 'area' must be a number, got {short(value)}", hint=COCO_HINT)
+                area[key] += value
         pairs: dict[int, list[str]] = defaultdict(list)
         for name, c in sorted(area, key=lambda k: (k[1], k[0])):
             if area[name, c] >= min_pixels:
@@ -353,9 +373,16 @@ class COCO20i(_BinaryDataset):
         if not path.is_file():
             raise BadDataError(f"split list {path} not found", hint=COCO_HINT)
         data = load_plain_pickle(path)
-        if not isinstance(data, dict):
-            raise BadDataError(f"{path} is not a {{class: [image, ...]}} dict", hint=COCO_HINT)
-        return {int(k) + 1: [Path(n).name for n in v] for k, v in data.items() if int(k) + 1 in classes}
+        shape_ok = isinstance(data, dict) and all(
+            isinstance(k, int) and not isinstance(k, bool) and isinstance(v, (list, tuple))
+            and all(isinstance(n, str) and "\x00" not in n for n in v)
+            for k, v in data.items()
+        )  # fmt: skip
+        if not shape_ok:
+            raise BadDataError(
+                f"{path} is not a {{class index: [image file name, ...]}} dict", hint=COCO_HINT
+            )
+        return {k + 1: [Path(n).name for n in v] for k, v in data.items() if k + 1 in classes}
 
     def _load(self, key: str, class_id: int) -> tuple[torch.Tensor, np.ndarray]:
         image = read_rgb(self.images / key)
@@ -365,7 +392,9 @@ class COCO20i(_BinaryDataset):
         height, width = self.sizes[key]
         mask = np.zeros((height, width), dtype=np.uint8)
         for segmentation in self.segments.get((key, class_id), []):
-            mask |= decode_segmentation(segmentation, height, width)
+            mask |= decode_segmentation(
+                segmentation, height, width, f"a class {class_id} annotation of {key}"
+            )
         return image, mask
 
 
@@ -412,7 +441,8 @@ class FSS1000(_BinaryDataset):
             list_file = (lists or given / "splits") / "fss" / f"{kind}.txt"
             if not list_file.is_file():
                 raise BadDataError(f"FSS-1000 split list {list_file} not found", hint=FSS_HINT)
-            categories = sorted(line.strip() for line in list_file.read_text().splitlines() if line.strip())
+            text = read_text(list_file, "FSS-1000 split list", FSS_HINT)
+            categories = sorted(line.strip() for line in text.splitlines() if line.strip())
         if not categories:
             raise BadDataError(f"no FSS-1000 class folders under {base}", hint=FSS_HINT)
         require_all(base, categories, "FSS-1000 class folders", FSS_HINT)
@@ -431,7 +461,7 @@ class FSS1000(_BinaryDataset):
         try:
             with Image.open(path) as image:
                 grey = np.asarray(image.convert("L"))
-        except OSError as err:
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
             raise BadDataError(f"cannot read mask {path}: {err}", hint=FSS_HINT) from None
         return read_rgb(self.base / f"{key}.jpg"), (grey >= 128).astype(np.uint8)
 

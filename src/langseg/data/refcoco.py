@@ -18,7 +18,6 @@ which only rebuilds builtin containers and scalars, so a tampered file cannot ru
 from __future__ import annotations
 
 import builtins
-import json
 import os
 import pickle
 import warnings
@@ -30,6 +29,7 @@ import torch
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
+from langseg.data.annotations import check_segmentation, entry_field, read_json, short
 from langseg.data.semantic_datasets import DOCS, Transform, check_root, find_file, read_rgb
 from langseg.errors import BadConfigError, BadDataError
 
@@ -60,16 +60,27 @@ def load_plain_pickle(path: Path) -> Any:
     try:
         with open(path, "rb") as file:
             return _PlainUnpickler(file, encoding="utf-8", errors="replace").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+    except OSError as err:
+        raise BadDataError(f"cannot read {path}: {err.strerror or err}", hint="Check the file.") from None
+    except (
+        pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+        MemoryError, RecursionError, OverflowError,
+    ) as err:  # fmt: skip
         raise BadDataError(
             f"{path} is not a plain-data pickle: {err}",
             hint="Re-download the file; langseg only reads pickles of lists, dicts, strings and numbers.",
         ) from None
 
 
-def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
+def decode_segmentation(segmentation: Any, height: int, width: int, where: str = "annotation") -> np.ndarray:
     """``H x W`` bool mask of a COCO ``segmentation``: polygons (list of ``[x0, y0, x1, y1, ...]``),
-    uncompressed RLE (``counts`` a list) or compressed RLE (``counts`` a string)."""
+    uncompressed RLE (``counts`` a list) or compressed RLE (``counts`` a string).
+
+    Raises:
+        BadDataError: malformed (checked before pycocotools, whose decoder can loop for ever on bad
+            input); ``where`` names the file and entry in the message.
+    """
+    check_segmentation(segmentation, height, width, where, hint=HINT)
     if isinstance(segmentation, list):
         rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
     elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), list):
@@ -77,11 +88,14 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
     elif isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), str | bytes):
         counts = segmentation["counts"]
         rle = {"size": segmentation["size"], "counts": counts.encode() if isinstance(counts, str) else counts}
-    else:
-        raise BadDataError(f"unknown segmentation format {type(segmentation).__name__}")
-    with warnings.catch_warnings():  # pycocotools' Cython decoder predates numpy 2's __array__ copy rules
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return mask_utils.decode(rle).astype(bool)
+    else:  # pragma: no cover - check_segmentation refused it
+        raise BadDataError(f"{where}: unknown segmentation format {type(segmentation).__name__}", hint=HINT)
+    try:
+        with warnings.catch_warnings():  # pycocotools' Cython decoder predates numpy 2's __array__ rules
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return mask_utils.decode(rle).astype(bool)
+    except Exception as err:
+        raise BadDataError(f"{where}: cannot decode the segmentation: {err}", hint=HINT) from None
 
 
 SPLITS = {
@@ -94,7 +108,34 @@ HINT = (
     "Download refcoco.zip / refcoco+.zip / refcocog.zip (refer toolkit) and the COCO train2014 images, "
     f"and lay them out as refer's data folder; see {DOCS}#refcoco-refcoco-refcocog."
 )
-_REF_KEYS = ("ref_id", "ann_id", "image_id", "split", "sentences")
+_REF_TYPES: dict[str, type | tuple[type, ...]] = {
+    "ref_id": int, "ann_id": int, "image_id": int, "split": str, "sentences": list,
+}  # fmt: skip
+
+
+def _image_table(images: list, path: Path) -> dict[int, tuple[str, int, int]]:
+    """``{image id: (file name, height, width)}`` of a COCO ``images`` list, each entry checked."""
+    table = {}
+    for i, image in enumerate(images):
+        where = f"{path}: images[{i}]"
+        image_id = entry_field(image, "id", int, where, HINT)
+        name = entry_field(image, "file_name", str, where, HINT)
+        height, width = (entry_field(image, k, int, where, HINT) for k in ("height", "width"))
+        if not (0 < height <= 65535 and 0 < width <= 65535) or "\x00" in name or Path(name).is_absolute():
+            raise BadDataError(f"{where}: bad file_name or size {short(image)}", hint=HINT)
+        table[image_id] = (name, height, width)
+    return table
+
+
+def _category_table(categories: Any, path: Path) -> dict[int, str]:
+    if not isinstance(categories, list):
+        raise BadDataError(f"{path}: 'categories' must be a list, got {short(categories)}", hint=HINT)
+    return {
+        entry_field(c, "id", int, f"{path}: categories[{i}]", HINT): entry_field(
+            c, "name", str, f"{path}: categories[{i}]", HINT
+        )
+        for i, c in enumerate(categories)
+    }
 
 
 class RefCOCO(Dataset):
@@ -145,16 +186,30 @@ class RefCOCO(Dataset):
         if not isinstance(refs, list) or not all(isinstance(r, dict) for r in refs):
             raise BadDataError(f"{refs_path} does not hold a list of refs", hint=HINT)
         instances = self._load_instances(instances_path)
-        self.images = {im["id"]: (im["file_name"], im["height"], im["width"]) for im in instances["images"]}
-        categories = {c["id"]: c["name"] for c in instances.get("categories", [])}
+        self.images = _image_table(instances["images"], instances_path)
+        categories = _category_table(instances.get("categories", []), instances_path)
         wanted = [r for r in refs if r.get("split") == split]
-        for ref in wanted:
-            missing = [k for k in _REF_KEYS if k not in ref]
-            if missing:
-                raise BadDataError(f"a ref in {refs_path} lacks {missing[0]!r}: {sorted(ref)}", hint=HINT)
+        for i, ref in enumerate(wanted):
+            where = f"{refs_path}: ref {i} of split {split}"
+            for key, types in _REF_TYPES.items():
+                entry_field(ref, key, types, where, HINT)
+            for j, sentence in enumerate(ref["sentences"]):
+                text = sentence.get(text_field, sentence.get("sent")) if isinstance(sentence, dict) else None
+                if not isinstance(text, str):
+                    raise BadDataError(
+                        f"{where}: sentence {j} has no {text_field!r} (or 'sent') text: {short(sentence)}",
+                        hint=HINT,
+                    )
         ann_ids = {r["ann_id"] for r in wanted}
         # Keep only the referred annotations: instances.json also holds every unreferred COCO object.
-        self.anns = {a["id"]: a for a in instances["annotations"] if a["id"] in ann_ids}
+        self.anns = {}
+        for i, ann in enumerate(instances["annotations"]):
+            ann_id = entry_field(ann, "id", int, f"{instances_path}: annotation {i}", HINT)
+            if ann_id in ann_ids:
+                entry_field(
+                    ann, "segmentation", (list, dict), f"{instances_path}: annotation id {ann_id}", HINT
+                )
+                self.anns[ann_id] = ann
         self.categories = categories
         self.items: list[tuple[dict, dict]] = []
         for ref in wanted:
@@ -190,13 +245,9 @@ class RefCOCO(Dataset):
 
     @staticmethod
     def _load_instances(path: Path) -> dict:
-        try:
-            instances = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BadDataError(f"{path} is not valid JSON: {err}", hint=HINT) from None
+        instances = read_json(path, "COCO instances file", HINT)
         for key in ("images", "annotations"):
-            if not isinstance(instances, dict) or key not in instances:
-                raise BadDataError(f"{path} has no {key!r} list: not a COCO instances file", hint=HINT)
+            entry_field(instances, key, list, f"{path} (a COCO instances file)", HINT)
         return instances
 
     def __len__(self) -> int:
@@ -213,7 +264,9 @@ class RefCOCO(Dataset):
                 hint="image_root must hold the COCO 2014 train images the refs were annotated on.",
             )
         ann = self.anns[ref["ann_id"]]
-        mask = torch.from_numpy(decode_segmentation(ann["segmentation"], height, width))
+        where = f"annotation {ref['ann_id']} of {self.dataset} (ref {ref['ref_id']})"
+        mask = torch.from_numpy(decode_segmentation(ann["segmentation"], height, width, where))
+        category = ann.get("category_id")
         meta = {
             "dataset": self.dataset,
             "split": self.split,
@@ -221,9 +274,9 @@ class RefCOCO(Dataset):
             "sent_id": sentence.get("sent_id"),
             "ann_id": ref["ann_id"],
             "image_id": ref["image_id"],
-            "category": self.categories.get(ann.get("category_id"), ""),
+            "category": self.categories.get(category, "") if isinstance(category, int) else "",
             "file": file_name,
         }
-        text = str(sentence.get(self.text_field, sentence.get("sent", ""))).strip()
+        text = sentence.get(self.text_field, sentence.get("sent", "")).strip()
         sample = {"image": image, "mask": mask, "text": text, "meta": meta}
         return self.transform(sample) if self.transform else sample

@@ -100,7 +100,9 @@ def _world_config(kwargs: dict[str, Any]) -> ShapeWorldConfig:
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # YAML lists
     if "exclude_pairs" in kwargs:
-        kwargs["exclude_pairs"] = tuple(tuple(pair) for pair in kwargs["exclude_pairs"])
+        pairs = kwargs["exclude_pairs"]  # ShapeWorldConfig checks the shape of what is left
+        if isinstance(pairs, tuple):
+            kwargs["exclude_pairs"] = tuple(tuple(p) if isinstance(p, list) else p for p in pairs)
     return ShapeWorldConfig(**kwargs)
 
 

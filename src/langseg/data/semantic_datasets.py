@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from langseg.data.annotations import read_text
 from langseg.errors import BadConfigError, BadDataError
 
 Sample = dict[str, Any]
@@ -86,7 +87,7 @@ def read_id_list(path: Path) -> list[str]:
     """Image ids from a list file: one id per line, or DeepLab's ``/JPEGImages/X.jpg /Seg.../X.png``
     pairs (the common ``train_aug.txt``), from which the id ``X`` is taken."""
     ids = []
-    for line in path.read_text().splitlines():
+    for line in read_text(path, "image list", "Re-download or re-extract the list file.").splitlines():
         if line.strip():
             ids.append(Path(line.split()[0]).stem)
     if not ids:
@@ -96,7 +97,12 @@ def read_id_list(path: Path) -> list[str]:
 
 def missing_files(folder: Path, names: Sequence[str]) -> list[str]:
     """Those of ``names`` not in ``folder`` (one directory listing instead of a stat per file)."""
-    present = set(os.listdir(folder))
+    try:
+        present = set(os.listdir(folder))
+    except OSError as err:
+        raise BadDataError(
+            f"cannot list {folder}: {err.strerror or err}", hint="Check its permissions."
+        ) from None
     return [n for n in names if n not in present]
 
 
@@ -129,7 +135,7 @@ def read_rgb(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             array = np.asarray(image.convert("RGB"))
-    except OSError as err:
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise BadDataError(f"cannot read image {path}: {err}", hint="Re-download the file.") from None
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
@@ -150,7 +156,7 @@ def read_label(path: Path) -> np.ndarray:
                     hint=f"Use the label maps as distributed, not colour renderings; see {DOCS}.",
                 )
             return np.asarray(image)
-    except OSError as err:
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
         raise BadDataError(f"cannot read label map {path}: {err}", hint="Re-download the file.") from None
 
 

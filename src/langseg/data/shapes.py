@@ -41,6 +41,15 @@ Background = Literal["plain", "noise", "texture"]
 # Circumradius as a fraction of the image side, per size class: large is about twice small, so that
 # "the large circle" is unambiguous to the eye.
 _RADIUS_RANGE = {"small": (0.055, 0.075), "large": (0.11, 0.14)}
+# Upper bounds that keep a typo from allocating absurd memory (an 8192 x 8192 RGB scene is 200 MB).
+MAX_SIZE = 8192
+MAX_OBJECTS = 16
+# Attempts at drawing and placing a scene before giving up with an error naming the settings: a geometric
+# pre-check refuses what can never fit, and these bounds catch what is merely (astronomically) unlikely.
+# 16 non-overlapping objects at the default gap take 325 attempts on average (1807 at most over 300
+# scenes), so a scene that needs more than 5000 is as good as impossible (and 5000 attempts take seconds).
+MAX_PLACEMENT_ATTEMPTS = 5_000
+MAX_VISIBILITY_ATTEMPTS = 1_000  # retries for allow_overlap's min_visible (each renders the scene)
 # Rotation range in degrees per shape; squares and triangles stay close to upright so they keep their
 # everyday appearance (a square at 45 degrees reads as a diamond).
 _ROTATION_RANGE = {"circle": 0.0, "square": 15.0, "triangle": 15.0, "star": 36.0, "hexagon": 30.0}
@@ -78,11 +87,23 @@ class ShapeWorldConfig:
     exclude_pairs: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.size < 32:
-            raise BadConfigError(f"ShapeWorld size must be at least 32 pixels, got {self.size}")
-        if not 1 <= self.min_objects <= self.max_objects <= 16:
+        _check_types(self)
+        if not 32 <= self.size <= MAX_SIZE:
             raise BadConfigError(
-                f"need 1 <= min_objects <= max_objects <= 16, got {self.min_objects}..{self.max_objects}"
+                f"ShapeWorld size must be 32 to {MAX_SIZE} pixels, got {self.size}",
+                hint="Set size to the image side you want, e.g. 64, 128 or 256.",
+            )
+        if not 1 <= self.min_objects <= self.max_objects <= MAX_OBJECTS:
+            raise BadConfigError(
+                f"need 1 <= min_objects <= max_objects <= {MAX_OBJECTS}, "
+                f"got {self.min_objects}..{self.max_objects}"
+            )
+        if not 0 <= self.colour_jitter <= 255:
+            raise BadConfigError(f"colour_jitter must be 0 to 255, got {self.colour_jitter}")
+        if not 0.0 <= self.gap < 1.0:
+            raise BadConfigError(
+                f"gap must be in [0, 1) (a fraction of the image side), got {self.gap}",
+                hint="The default is 0.02: objects at least 2% of the side apart.",
             )
         unknown = [s for s in self.shapes if s not in SHAPES] + [c for c in self.colours if c not in COLOURS]
         if unknown or not self.shapes or not self.colours:
@@ -101,6 +122,63 @@ class ShapeWorldConfig:
             )
         if not 0.0 < self.min_visible <= 1.0:
             raise BadConfigError(f"min_visible must be in (0, 1], got {self.min_visible}")
+        _check_fits(self)
+
+
+def _check_types(config: ShapeWorldConfig) -> None:
+    """BadConfigError for a setting of the wrong type (e.g. ``size: 64.5`` would fail only when drawing)."""
+
+    def bad(name: str, expected: str) -> BadConfigError:
+        value = repr(getattr(config, name))
+        value = value if len(value) <= 60 else value[:57] + "..."
+        return BadConfigError(f"ShapeWorld setting {name!r} must be {expected}, got {value}")
+
+    for name in ("size", "min_objects", "max_objects", "colour_jitter"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad(name, "an integer")
+    for name in ("min_visible", "gap"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad(name, "a finite number")
+    if not isinstance(config.allow_overlap, bool):
+        raise bad("allow_overlap", "true or false")
+    if not isinstance(config.background, str):
+        raise bad("background", "plain, noise or texture")
+    for name in ("shapes", "colours"):
+        if not isinstance(getattr(config, name), tuple) or not all(
+            isinstance(w, str) for w in getattr(config, name)
+        ):
+            raise bad(name, "a list of names")
+    pairs = config.exclude_pairs
+    if not isinstance(pairs, tuple) or not all(
+        isinstance(p, tuple) and len(p) == 2 and all(isinstance(w, str) for w in p) for p in pairs
+    ):
+        raise bad("exclude_pairs", "a list of [colour, shape] pairs")
+
+
+def _check_fits(config: ShapeWorldConfig) -> None:
+    """Refuse worlds whose ``min_objects`` can never be placed apart (e.g. ``gap: 5``), so that rendering
+    fails now with the settings named instead of searching for ever.
+
+    Necessary conditions with every object at the smallest radius ``r``: centres lie in a square of side
+    ``L = size - 2r - 4`` and any two are at least ``d = 2r + gap * size`` apart, so two objects need
+    ``d <= sqrt(2) L``, and by Oler's inequality (points ``d`` apart in a convex region of area ``A`` and
+    perimeter ``P`` number at most ``2 A / (sqrt(3) d^2) + P / (2 d) + 1``) ``k`` objects need
+    ``k <= 2 L^2 / (sqrt(3) d^2) + 2 L / d + 1``.
+    """
+    if config.allow_overlap or config.min_objects < 2:
+        return
+    n, k = config.size, config.min_objects
+    r = _RADIUS_RANGE["small"][0] * n
+    side = n - 2 * r - 4
+    d = 2 * r + config.gap * n
+    if d > math.sqrt(2) * side or k > 2 * side**2 / (math.sqrt(3) * d**2) + 2 * side / d + 1:
+        raise BadConfigError(
+            f"ShapeWorld cannot place {k} objects {config.gap} x size apart in a {n} x {n} image: gap "
+            f"{config.gap} with min_objects {k} makes every scene impossible",
+            hint="Lower gap (default 0.02) or min_objects, raise size, or set allow_overlap: true.",
+        )
 
 
 @dataclass(frozen=True)
@@ -305,13 +383,17 @@ def render_scene(seed: int, index: int, config: ShapeWorldConfig | None = None) 
     rng = scene_rng(seed, index)
     background = _background(rng, config)
     count = int(rng.integers(config.min_objects, config.max_objects + 1))
+    placement_failures = visibility_failures = 0
     while True:  # retries only when placement fails; each retry draws fresh attributes from the same rng
+        if placement_failures >= MAX_PLACEMENT_ATTEMPTS or visibility_failures >= MAX_VISIBILITY_ATTEMPTS:
+            _give_up(config, seed, index, placement_failures, visibility_failures)
         objects: list[ShapeObject] = []
         for k in range(count):
             placed = _place(rng, config, _sample_object(rng, config, k), objects)
             if placed is not None:
                 objects.append(placed)
         if len(objects) < config.min_objects:
+            placement_failures += 1
             continue
         objects = [replace(o, index=k) for k, o in enumerate(objects)]
         instances = _rasterise(objects, config.size)
@@ -319,11 +401,29 @@ def render_scene(seed: int, index: int, config: ShapeWorldConfig | None = None) 
         if config.allow_overlap and any(
             areas[o.index] < config.min_visible * _full_area(o, config.size) for o in objects
         ):
+            visibility_failures += 1
             continue
         break
     objects = [replace(o, area=int(areas[o.index])) for o in objects]
     image = _paint(rng, config, background, instances, objects)
     return Scene(image=image, instances=instances, objects=objects, seed=seed, index=index, config=config)
+
+
+def _give_up(config: ShapeWorldConfig, seed: int, index: int, placements: int, visibility: int) -> None:
+    """Raise the BadConfigError of a scene that could not be drawn within the attempt bounds."""
+    if visibility >= MAX_VISIBILITY_ATTEMPTS:
+        why = (
+            f"no arrangement kept min_visible {config.min_visible} of every object visible in "
+            f"{visibility} attempts"
+        )
+        hint = "Lower min_visible (default 0.4) or max_objects, or set allow_overlap: false."
+    else:
+        why = (
+            f"{config.min_objects} objects could not be placed {config.gap} x size apart in {placements} "
+            f"attempts (min_objects {config.min_objects}, gap {config.gap}, size {config.size})"
+        )
+        hint = "Lower gap (default 0.02) or min_objects, raise size, or set allow_overlap: true."
+    raise BadConfigError(f"ShapeWorld scene {index} of world {seed}: {why}", hint=hint)
 
 
 def _paint(

@@ -17,7 +17,10 @@ On-disk layout written by :func:`write_shapeworld` (and ``langseg data shapes``)
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -29,13 +32,41 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from langseg.data.annotations import entry_field, read_json, short
 from langseg.data.shape_expressions import Expression, referring_expressions
-from langseg.data.shapes import GRANULARITIES, Granularity, Scene, ShapeWorldConfig, label_names, render_scene
+from langseg.data.shapes import (
+    GRANULARITIES,
+    MAX_SIZE,
+    Granularity,
+    Scene,
+    ShapeWorldConfig,
+    label_names,
+    render_scene,
+)
 from langseg.errors import BadConfigError, BadDataError, OutputError
 
 FORMAT = "langseg-shapeworld"
 FORMAT_VERSION = 1
 Sample = dict[str, Any]
+# Bounds of dataset settings: a typo such as num_scenes: 1e12 would otherwise allocate a sampler index of
+# terabytes (and ShapeWorld-Ref renders every scene once to index its expressions).
+MAX_SCENES = 10_000_000
+MAX_SEED = 2**63 - 1
+MAX_PER_OBJECT = 64
+
+
+def _check_world_args(num_scenes: Any, seed: Any, per_object: Any = 1) -> None:
+    """BadConfigError naming the first of ``num_scenes``, ``seed``, ``per_object`` out of range."""
+    for name, value, low, high in (
+        ("num_scenes", num_scenes, 0, MAX_SCENES),
+        ("seed", seed, 0, MAX_SEED),
+        ("per_object", per_object, 1, MAX_PER_OBJECT),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise BadConfigError(
+                f"ShapeWorld setting {name!r} must be an integer in [{low}, {high}], got {short(value)}",
+                hint="Fix data.kwargs (or --data-arg / --num / --seed).",
+            )
 
 
 def expression_rng(seed: int, index: int) -> np.random.Generator:
@@ -70,8 +101,13 @@ class _Variety:
         self.render_sizes = tuple(render_sizes or (config.size,))
         for background in self.backgrounds:  # validated by the config itself
             replace(config, background=background)  # type: ignore[arg-type]
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 32 for s in self.render_sizes):
-            raise BadConfigError(f"render_sizes must be integers >= 32, got {list(self.render_sizes)}")
+        if any(
+            isinstance(s, bool) or not isinstance(s, int) or not 32 <= s <= MAX_SIZE
+            for s in self.render_sizes
+        ):
+            raise BadConfigError(
+                f"render_sizes must be integers from 32 to {MAX_SIZE}, got {short(list(self.render_sizes))}"
+            )
 
     def scene(self, seed: int, index: int) -> Scene:
         count = len(self.backgrounds)
@@ -113,14 +149,15 @@ class ShapeWorldSemantic(Dataset):
         backgrounds: Sequence[str] | None = None,
         render_sizes: Sequence[int] | None = None,
     ) -> None:
-        if num_scenes < 0:
-            raise BadConfigError(f"num_scenes must be >= 0, got {num_scenes}")
+        _check_world_args(num_scenes, seed)
         self.num_scenes, self.seed = num_scenes, seed
         self.config = config or ShapeWorldConfig()
         self.granularity = granularity
         self.labels = label_names(self.config, granularity)
         self.transform = transform
         self.variety = _Variety(self.config, backgrounds, render_sizes)
+        if num_scenes:  # draw one scene now: settings that make scenes impossible fail here, not in a worker
+            self.variety.scene(seed, 0)
 
     def __len__(self) -> int:
         return self.num_scenes
@@ -156,8 +193,7 @@ class ShapeWorldReferring(Dataset):
         backgrounds: Sequence[str] | None = None,
         render_sizes: Sequence[int] | None = None,
     ) -> None:
-        if num_scenes < 0:
-            raise BadConfigError(f"num_scenes must be >= 0, got {num_scenes}")
+        _check_world_args(num_scenes, seed, per_object)
         self.num_scenes, self.seed, self.per_object = num_scenes, seed, per_object
         self.config = config or ShapeWorldConfig()
         self.transform = transform
@@ -190,12 +226,19 @@ class ShapeWorldReferring(Dataset):
         return self.transform(sample) if self.transform else sample
 
 
-def _config_from_json(data: dict) -> ShapeWorldConfig:
-    data = dict(data)
-    for key in ("shapes", "colours"):
-        data[key] = tuple(data[key])
-    data["exclude_pairs"] = tuple(tuple(p) for p in data.get("exclude_pairs", ()))
-    return ShapeWorldConfig(**data)
+def _config_from_json(data: dict, where: str = "world.json") -> ShapeWorldConfig:
+    """The :class:`ShapeWorldConfig` saved in a world.json; BadDataError (naming ``where``) if malformed."""
+    try:
+        data = dict(data)
+        for key in ("shapes", "colours"):
+            data[key] = tuple(data[key])
+        data["exclude_pairs"] = tuple(tuple(p) for p in data.get("exclude_pairs", ()))
+        return ShapeWorldConfig(**data)
+    except (BadConfigError, KeyError, TypeError, ValueError) as err:
+        raise BadDataError(
+            f"{where}: 'config' is not a ShapeWorld config ({short(str(err), 100)})",
+            hint="Re-write the world with `langseg data shapes`.",
+        ) from None
 
 
 def write_shapeworld(
@@ -215,22 +258,24 @@ def write_shapeworld(
     """
     if num_scenes < 0:
         raise BadConfigError(f"--num must be zero or more, got {num_scenes}")
+    _check_world_args(num_scenes, seed, per_object)
     if granularity not in GRANULARITIES:
         raise BadConfigError(
             f"unknown granularity {granularity!r}", hint=f"Use one of {', '.join(GRANULARITIES)}."
         )
     config = config or ShapeWorldConfig()
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out} exists and is not a folder", hint="Choose a new folder for --out.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(
-            f"{out} is not empty",
-            hint="Choose an empty or new folder, or pass --overwrite to replace its files.",
-        )
+    target = _check_world_folder(out, overwrite)
+    # The world is written whole into a temporary sibling folder and then put in place, so that an
+    # interrupted write never leaves a world that mixes old and new scenes (or keeps old extra ones).
+    tmp = target.with_name(f"{TEMP_PREFIX}{target.name[:160]}.{os.getpid()}")
+    created: list[Path] = []
+    done = False
     try:
-        for sub in ("images", "instances", "semantic", "annotations"):
-            (out / sub).mkdir(parents=True, exist_ok=True)
+        created = [folder for folder in target.parents if not folder.exists()]  # deepest first
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for sub in WORLD_NAMES[1:]:
+            (tmp / sub).mkdir(parents=True)
         world = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -244,10 +289,10 @@ def write_shapeworld(
         for i in range(num_scenes):
             scene = render_scene(seed, i, config)
             stem = f"{i:06d}"
-            Image.fromarray(scene.image).save(out / "images" / f"{stem}.png")
-            Image.fromarray(scene.instances).save(out / "instances" / f"{stem}.png")
+            Image.fromarray(scene.image).save(tmp / "images" / f"{stem}.png")
+            Image.fromarray(scene.instances).save(tmp / "instances" / f"{stem}.png")
             Image.fromarray(scene.semantic_map(granularity).astype(np.uint8)).save(
-                out / "semantic" / f"{stem}.png"
+                tmp / "semantic" / f"{stem}.png"
             )
             annotation = {
                 "seed": seed,
@@ -255,14 +300,87 @@ def write_shapeworld(
                 "objects": [o.to_json() for o in scene.objects],
                 "expressions": [e.to_json() for e in scene_expressions(scene, per_object)],
             }
-            (out / "annotations" / f"{stem}.json").write_text(json.dumps(annotation, indent=1))
+            (tmp / "annotations" / f"{stem}.json").write_text(json.dumps(annotation, indent=1))
             if on_scene:
                 on_scene(i)
         # world.json last: a folder without it is an interrupted write, never mistaken for a world.
-        (out / "world.json").write_text(json.dumps(world, indent=2))
+        (tmp / "world.json").write_text(json.dumps(world, indent=2))
+        _put_world_in_place(tmp, target)
+        done = True
     except OSError as err:
         raise OutputError(f"cannot write ShapeWorld to {out}: {err.strerror or err}") from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful write
+        for folder in created if not done else ():  # the parent folders made here, if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return out
+
+
+# What write_shapeworld writes into its folder, world.json first (it is moved in last), and the prefix of
+# its temporary folders (the same as langseg.batch.outputs.TEMP_PREFIX, which data may not import).
+WORLD_NAMES = ("world.json", "images", "instances", "semantic", "annotations")
+TEMP_PREFIX = ".langseg-tmp-"
+
+
+def _check_world_folder(out: Path, overwrite: bool) -> Path:
+    """``out`` resolved, if :func:`write_shapeworld` may write there; else an :class:`OutputError`.
+
+    A new or empty folder is fine; a non-empty one needs ``overwrite`` and may then hold only a world
+    (:data:`WORLD_NAMES`): the whole folder is replaced, so nothing langseg did not write is deleted.
+    """
+    try:
+        existing = out
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing == out and not out.is_dir():
+            raise OutputError(f"{out} exists and is not a folder", hint="Choose a new folder for --out.")
+        if not existing.is_dir():
+            hint = "Choose a new folder for --out."
+            raise OutputError(f"cannot write into {out}: {existing} is a file", hint=hint)
+        names = sorted(os.listdir(out)) if existing == out else []
+        target = out.resolve()
+        cwd = Path.cwd().resolve()
+    except OSError as err:
+        if isinstance(err, OutputError):
+            raise
+        hint = "Choose a folder with a shorter path that you may write to."
+        raise OutputError(f"cannot write into {out}: {err.strerror or err}", hint=hint) from err
+    if names and not overwrite:
+        raise OutputError(
+            f"{out} is not empty",
+            hint="Choose an empty or new folder, or pass --overwrite to replace the world in it.",
+        )
+    foreign = [n for n in names if n not in WORLD_NAMES and not n.startswith(TEMP_PREFIX)]
+    if foreign:
+        raise OutputError(
+            f"{out} holds files that are not part of a ShapeWorld: {', '.join(foreign[:3])}",
+            hint="--overwrite replaces a world folder only: choose a new or empty folder.",
+        )
+    if target == target.parent or (names and (cwd == target or target in cwd.parents)):
+        raise OutputError(
+            f"cannot replace {out}: it is the current folder or the root", hint="Use another --out."
+        )
+    return target
+
+
+def _put_world_in_place(tmp: Path, target: Path) -> None:
+    """Rename the finished world ``tmp`` to ``target``: new, empty (world.json moved in last) or swapped
+    with the old world, which is then deleted."""
+    if not target.exists():
+        os.rename(tmp, target)
+    elif not any(target.iterdir()):  # a folder the user made: keep it (and its permissions)
+        for name in reversed(WORLD_NAMES):
+            os.rename(tmp / name, target / name)
+    else:
+        old = target.with_name(f"{TEMP_PREFIX}{target.name[:160]}.{os.getpid()}.old")
+        os.rename(target, old)
+        try:
+            os.rename(tmp, target)
+        except BaseException:
+            os.rename(old, target)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
 
 
 class ShapeWorldFolder(Dataset):
@@ -281,25 +399,45 @@ class ShapeWorldFolder(Dataset):
                 f"{world_file} not found: {self.root} is not a ShapeWorld folder (or was not fully written)",
                 hint="Write one with `langseg data shapes --out DIR --num N`.",
             )
-        world = json.loads(world_file.read_text())
-        if world.get("format") != FORMAT:
-            raise BadDataError(f"{world_file} is not a {FORMAT} file")
         if task not in ("semantic", "referring"):
-            raise BadConfigError(f"unknown task {task!r}", hint="Use semantic or referring.")
+            raise BadConfigError(f"unknown task {short(task)}", hint="Use semantic or referring.")
+        hint = "Re-write the world with `langseg data shapes --out DIR --num N`."
+        world = read_json(world_file, "ShapeWorld file", hint)
+        if world.get("format") != FORMAT:
+            raise BadDataError(
+                f"{world_file} is not a {FORMAT} file (its 'format' is not {FORMAT!r})", hint=hint
+            )
         self.task, self.transform = task, transform
-        self.config = _config_from_json(world["config"])
-        self.granularity = world["granularity"]
-        self.labels: list[str] = world["labels"][self.granularity]
-        self.stems = [f"{i:06d}" for i in range(world["num_scenes"])]
+        where = str(world_file)
+        self.config = _config_from_json(entry_field(world, "config", dict, where, hint), where)
+        self.granularity = entry_field(world, "granularity", str, where, hint)
+        labels = entry_field(world, "labels", dict, where, hint).get(self.granularity)
+        if not isinstance(labels, list) or not labels or not all(isinstance(n, str) for n in labels):
+            raise BadDataError(f"{where}: 'labels' has no list of names for {self.granularity!r}", hint=hint)
+        self.labels: list[str] = labels
+        num_scenes = entry_field(world, "num_scenes", int, where, hint)
+        if not 0 <= num_scenes <= MAX_SCENES:
+            raise BadDataError(
+                f"{where}: 'num_scenes' must be 0 to {MAX_SCENES}, got {num_scenes}", hint=hint
+            )
+        self.stems = [f"{i:06d}" for i in range(num_scenes)]
         self.items: list[tuple[str, dict | None]] = [(stem, None) for stem in self.stems]
         if task == "referring":
-            self.items = [
-                (stem, expr)
-                for stem in self.stems
-                for expr in json.loads((self.root / "annotations" / f"{stem}.json").read_text())[
-                    "expressions"
-                ]
-            ]
+            self.items = [(stem, expr) for stem in self.stems for expr in self._expressions(stem, hint)]
+
+    def _expressions(self, stem: str, hint: str) -> list[dict]:
+        """The checked ``expressions`` of ``annotations/STEM.json`` (text, target object, kind)."""
+        path = self.root / "annotations" / f"{stem}.json"
+        expressions = entry_field(
+            read_json(path, "ShapeWorld annotation", hint), "expressions", list, str(path)
+        )
+        for i, expr in enumerate(expressions):
+            where = f"{path}: expressions[{i}]"
+            entry_field(expr, "text", str, where, hint)
+            entry_field(expr, "kind", str, where, hint)
+            if not 0 <= entry_field(expr, "target", int, where, hint) < 255:
+                raise BadDataError(f"{where}: 'target' must be an object index 0 to 254", hint=hint)
+        return expressions
 
     def __len__(self) -> int:
         return len(self.items)
@@ -308,7 +446,16 @@ class ShapeWorldFolder(Dataset):
         path = self.root / sub / f"{stem}.png"
         if not path.is_file():
             raise BadDataError(f"missing file {path}", hint="Re-write the world with `langseg data shapes`.")
-        return np.asarray(Image.open(path))
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(image.convert("RGB") if sub == "images" else image)
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            raise BadDataError(
+                f"cannot read {path}: {err}", hint="Re-write the world with `langseg data shapes`."
+            ) from None
+        if array.ndim != (3 if sub == "images" else 2):
+            raise BadDataError(f"{path} is not a {'RGB image' if sub == 'images' else 'label map'}")
+        return array
 
     def __getitem__(self, item: int) -> Sample:
         stem, expr = self.items[item]

@@ -5,8 +5,12 @@ There is no global config tree: a :class:`TrainConfig` holds an :class:`OptimCon
 strictly: an unknown key or a value of the wrong type raises :class:`~langseg.errors.BadConfigError`
 naming the dotted key and listing the valid ones, so that a typo never silently trains with a default.
 
+Value ranges are checked when a config is built, before any work (:data:`LIMITS` holds the upper bounds
+that keep a typo such as ``max_steps: 1e12`` or ``crop_size: 100000`` from allocating absurd memory or
+running for ever); every float must be finite (YAML reads ``1.0e400`` as infinity).
+
 Free-form dicts (``model_kwargs``, ``data.kwargs``) accept any keys; the task that consumes them checks
-them in turn.
+them in turn. YAML is read by :mod:`langseg.yamlio` (bounded, no object tags, clean errors).
 """
 
 from __future__ import annotations
@@ -19,12 +23,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
-
 from langseg.errors import BadConfigError
 from langseg.predict.images import CLIP_MEAN, CLIP_STD
+from langseg.yamlio import load_yaml, read_yaml_file, short_repr
 
-__all__ = ["DataConfig", "OptimConfig", "TrainConfig", "config_from_dict", "config_to_dict", "load_config"]
+__all__ = [
+    "LIMITS",
+    "DataConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+]
+
+# Upper bounds of config values (inclusive unless said otherwise), far above any real run.
+LIMITS: dict[str, int | float] = {
+    "steps": 10**9,  # max_steps, warmup_steps, log_every, checkpoint_every, eval_every
+    "epochs": 10**6,
+    "grad_accum_steps": 4096,
+    "keep_checkpoints": 10**6,
+    "batch_size": 65536,
+    "num_workers": 512,
+    "crop_size": 8192,  # pixels per side, as ShapeWorld's image size
+    "scale": 8.0,  # data.scale_range's high end
+    "ignore_index": 65535,
+    "seed": 2**63 - 1,  # torch.manual_seed's range
+}
 
 # CLIP's normalisation (open_clip OPENAI_DATASET_MEAN / STD) is the default for every langseg model;
 # the constants are the predictors' own, so training and prediction cannot drift apart.
@@ -59,11 +84,17 @@ class OptimConfig:
     grad_clip_norm: float | None = None
 
     def __post_init__(self) -> None:
+        _finite(self, "lr", "weight_decay", "head_lr_mult", "poly_power", "momentum", "eps", "grad_clip_norm")
+        _finite(self, "betas")
         _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.head_lr_mult > 0, "head_lr_mult", f"must be > 0, got {self.head_lr_mult}")
         _check(self.poly_power >= 0, "poly_power", f"must be >= 0, got {self.poly_power}")
-        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _in_range(self, "warmup_steps", 0, LIMITS["steps"])
+        _check(0 <= self.momentum <= 1, "momentum", f"must be in [0, 1], got {self.momentum}")
+        for i, beta in enumerate(self.betas):
+            _check(0 <= beta < 1, f"betas[{i}]", f"must be in [0, 1), got {beta}")
+        _check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
         _check(
             self.grad_clip_norm is None or self.grad_clip_norm > 0,
             "grad_clip_norm",
@@ -100,12 +131,17 @@ class DataConfig:
     ignore_index: int = 255
 
     def __post_init__(self) -> None:
-        _check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
-        _check(self.crop_size is None or self.crop_size >= 1, "crop_size", f"got {self.crop_size}")
+        _check(bool(self.name), "name", "must name a dataset (langseg.data.list_datasets())")
+        _in_range(self, "batch_size", 1, LIMITS["batch_size"])
+        _in_range(self, "num_workers", 0, LIMITS["num_workers"])
+        if self.crop_size is not None:
+            _in_range(self, "crop_size", 1, LIMITS["crop_size"])
+        _in_range(self, "ignore_index", 0, LIMITS["ignore_index"])
+        _finite(self, "scale_range", "mean", "std")
         lo, hi = self.scale_range
-        _check(0 < lo <= hi, "scale_range", f"need 0 < low <= high, got {self.scale_range}")
-        _check(all(s > 0 for s in self.std), "std", f"must be positive, got {self.std}")
+        _check(0 < lo <= hi, "scale_range", f"need 0 < low <= high, got {list(self.scale_range)}")
+        _check(hi <= LIMITS["scale"], "scale_range", f"high end must be <= {LIMITS['scale']}, got {hi}")
+        _check(all(s > 0 for s in self.std), "std", f"must be positive, got {list(self.std)}")
 
 
 @dataclass
@@ -160,12 +196,17 @@ class TrainConfig:
     init_from: str | None = None
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
-        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", f"got {self.max_steps}")
-        _check(self.grad_accum_steps >= 1, "grad_accum_steps", f"must be >= 1, got {self.grad_accum_steps}")
-        _check(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
-        for name in ("checkpoint_every", "keep_checkpoints", "eval_every"):
-            _check(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _in_range(self, "seed", 0, LIMITS["seed"])
+        _in_range(self, "epochs", 1, LIMITS["epochs"])
+        if self.max_steps is not None:
+            _in_range(self, "max_steps", 1, LIMITS["steps"])
+        _in_range(self, "grad_accum_steps", 1, LIMITS["grad_accum_steps"])
+        _in_range(self, "log_every", 1, LIMITS["steps"])
+        _in_range(self, "checkpoint_every", 0, LIMITS["steps"])
+        _in_range(self, "eval_every", 0, LIMITS["steps"])
+        _in_range(self, "keep_checkpoints", 0, LIMITS["keep_checkpoints"])
+        _check(bool(self.out_dir) and "\x00" not in self.out_dir, "out_dir", "must be a folder path")
+        _check(self.init_from is None or "\x00" not in self.init_from, "init_from", "must be a path")
 
 
 class _RangeError(BadConfigError):
@@ -179,6 +220,22 @@ class _RangeError(BadConfigError):
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise _RangeError(key, message)
+
+
+def _in_range(config: Any, key: str, low: float, high: float) -> None:
+    """``low <= config.key <= high`` (the value is shown bounded: it may be a 5000-digit integer)."""
+    value = getattr(config, key)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    _check(number and low <= value <= high, key, f"must be in [{low}, {high}], got {short_repr(value)}")
+
+
+def _finite(config: Any, *keys: str) -> None:
+    """Every number of ``config.key`` (a number, a tuple of numbers or None) is finite."""
+    for key in keys:
+        value = getattr(config, key)
+        values = value if isinstance(value, tuple) else (value,)
+        bad = [v for v in values if isinstance(v, float) and not math.isfinite(v)]
+        _check(not bad, key, f"must be a finite number, got {bad[0] if bad else value}")
 
 
 def _type_name(tp: Any) -> str:
@@ -204,7 +261,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is Literal:
         if value not in args:
             raise BadConfigError(
-                f"config key {key!r}: {value!r} is not one of {', '.join(map(repr, args))}",
+                f"config key {key!r}: {short_repr(value)} is not one of {', '.join(map(repr, args))}",
                 hint=f"Set {key} to one of {', '.join(map(str, args))}.",
             )
         return value
@@ -247,7 +304,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _type_error(key: str, value: Any, expected: str) -> BadConfigError:
     return BadConfigError(
-        f"config key {key!r} must be {expected}, got {value!r} ({type(value).__name__})",
+        f"config key {key!r} must be {expected}, got {short_repr(value)} ({type(value).__name__})",
         hint="Fix the value in the YAML file or in the key=value override.",
     )
 
@@ -261,7 +318,8 @@ def _from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
     if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        name = str(unknown[0]) if len(str(unknown[0])) <= 40 else str(unknown[0])[:37] + "..."
+        key = f"{prefix}.{name}" if prefix else name
         raise BadConfigError(
             f"unknown config key {key!r}", hint=f"Valid keys at {where}: {', '.join(names)}."
         )
@@ -301,7 +359,7 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             child = node[part] = {}
         if not isinstance(child, dict):
             raise BadConfigError(
-                f"override {key!r}: {'.'.join(parts[: i + 1])!r} is not a mapping",
+                f"override {short_repr(key)}: {short_repr('.'.join(parts[: i + 1]))} is not a mapping",
                 hint="Only keys of sections (optim, data, ...) take dotted paths.",
             )
         node = child
@@ -311,17 +369,16 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``data`` with each ``dotted.key=value`` applied in order (values parsed as YAML)."""
     for item in overrides:
+        if not isinstance(item, str):
+            raise BadConfigError(f"override {short_repr(item)} is not a 'key=value' string")
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key or any(not p for p in key.split(".")):
             raise BadConfigError(
-                f"override {item!r} is not of the form key=value",
+                f"override {short_repr(item)} is not of the form key=value",
                 hint="Write overrides as dotted.key=value, e.g. optim.lr=0.001 data.batch_size=4.",
             )
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as err:
-            raise BadConfigError(f"override {item!r}: cannot parse the value: {err}") from None
+        value = load_yaml(text, f"override {short_repr(item, 60)}") if text.strip() else None
         _set_dotted(data, key, value)
     return data
 
@@ -341,12 +398,8 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     data: Any = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise BadConfigError(f"config file {path} not found", hint="Pass a YAML recipe, e.g. configs/.")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise BadConfigError(f"{path} is not valid YAML: {err}") from None
+        data = read_yaml_file(path)
+        data = {} if data is None else data
         if not isinstance(data, dict):
             raise BadConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
     return config_from_dict(apply_overrides(data, list(overrides)))

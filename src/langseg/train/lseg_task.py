@@ -36,7 +36,7 @@ from langseg.registry import get_model_entry
 from langseg.train.config import TrainConfig
 from langseg.train.losses import cross_entropy
 from langseg.train.optim import head_backbone_groups
-from langseg.train.tasks import TaskParts, register_task
+from langseg.train.tasks import TaskParts, check_model_kwargs, network_error, network_errors, register_task
 
 Batch = dict[str, Any]
 
@@ -140,19 +140,50 @@ class LSegTrainModule(nn.Module):
         return head_backbone_groups(backbone, head, base_lr, self.head_lr_mult)
 
 
+def _check_task_kwargs(text: Any, freeze_text: Any, prompt: Any, excluded: Any) -> None:
+    """BadConfigError naming the first of the task's own ``model_kwargs`` keys of a wrong type."""
+    if text is not None and not isinstance(text, dict):
+        raise BadConfigError("config key 'model_kwargs.text' must be a mapping of ClipTextEncoder arguments")
+    if not isinstance(freeze_text, bool):
+        raise BadConfigError(
+            f"config key 'model_kwargs.freeze_text' must be true or false, got {freeze_text!r}"
+        )
+    try:
+        ok = isinstance(prompt, str) and isinstance(prompt.format("label"), str)
+    except (IndexError, KeyError, ValueError, AttributeError):
+        ok = False
+    if not ok:
+        raise BadConfigError(
+            f"config key 'model_kwargs.prompt' must be a template with one {{}}, got {str(prompt)[:60]!r}",
+            hint='e.g. prompt: "a photo of a {}"',
+        )
+    if not isinstance(excluded, list) or not all(isinstance(name, str) for name in excluded):
+        raise BadConfigError("config key 'model_kwargs.train_exclude_labels' must be a list of label names")
+
+
 def build_lseg_semantic(config: TrainConfig) -> TaskParts:
     """``lseg-semantic``: a registered LSeg variant (``config.model``) on a semantic dataset."""
     kwargs = dict(config.model_kwargs)
+    check_model_kwargs(kwargs)
     text_kwargs = kwargs.pop("text", None)
-    freeze_text = bool(kwargs.pop("freeze_text", True))
-    prompt = str(kwargs.pop("prompt", "{}"))
-    excluded = list(kwargs.pop("train_exclude_labels", []))
+    freeze_text = kwargs.pop("freeze_text", True)
+    prompt = kwargs.pop("prompt", "{}")
+    excluded = kwargs.pop("train_exclude_labels", [])
+    _check_task_kwargs(text_kwargs, freeze_text, prompt, excluded)
     entry = get_model_entry(config.model or "lseg-tiny")
     if entry.family != "lseg":
         raise BadConfigError(f"task lseg-semantic trains LSeg models, not {entry.name!r}")
-    net = entry.builder(**{**entry.kwargs, **kwargs})
+    if text_kwargs is None and entry.name not in TEXT_ENCODER_CONFIGS:
+        raise BadConfigError(
+            f"config key 'model_kwargs.text' is needed for {entry.name!r} (it has no default text tower)",
+            hint="Give ClipTextEncoder's arguments, e.g. {model_name: ViT-B-32, quick_gelu: true}.",
+        )
+    try:
+        net = entry.builder(**{**entry.kwargs, **kwargs})
+        text_encoder = ClipTextEncoder(**(text_kwargs or TEXT_ENCODER_CONFIGS[entry.name]))
+    except network_errors as err:
+        raise network_error(err, entry.name) from None
     base_kwargs = dict(LSEG_CONFIGS.get(entry.name, {}))
-    text_encoder = ClipTextEncoder(**(text_kwargs or TEXT_ENCODER_CONFIGS[entry.name]))
     net_kwargs = {**entry.kwargs, **kwargs}
     train = build_dataset(config.data.name, config.data.kwargs)
     val = build_dataset(config.val_data.name, config.val_data.kwargs) if config.val_data is not None else None

@@ -26,7 +26,8 @@ come from :func:`langseg.data.build_dataset` by the name and keywords of a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -39,14 +40,17 @@ from langseg.evaluate import Evaluator, SemanticEvaluator
 from langseg.train.config import TrainConfig
 from langseg.train.losses import cross_entropy
 from langseg.train.optim import head_backbone_groups
+from langseg.yamlio import short_repr
 
 __all__ = [
     "TaskBuilder",
     "TaskParts",
     "ToySegmenter",
     "build_toy_semantic",
+    "check_model_kwargs",
     "get_task",
     "list_tasks",
+    "network_errors",
     "register_task",
 ]
 
@@ -90,6 +94,74 @@ def list_tasks() -> list[str]:
     return sorted(_TASKS)
 
 
+# --- model_kwargs checks, shared by every task ---------------------------------------------------------
+
+# Sizes of a network (channels, heads, layers, token positions ...): positive integers, bounded so that a
+# typo cannot ask torch for terabytes (an 8192-wide 3x3 convolution already holds 600M weights).
+_SIZE_KEYS = {
+    "width", "widths", "features", "embed_dim", "hidden_dim", "fusion_dim", "ffn_dim", "word_dim",
+    "num_heads", "heads", "layers", "depth", "encoder_layers", "decoder_layers", "num_queries",
+    "input_size", "img_size", "patch_size", "context_length", "spatial_reg_depth", "out_stride",
+    "min_count", "max_size", "max_tokens",
+}  # fmt: skip
+MAX_MODEL_SIZE = 8192
+MAX_VOCAB = 1_000_000
+
+
+def _leaves(value: Any, key: str) -> Iterator[tuple[str, str, Any]]:
+    """(dotted key, leaf name, value) of every scalar in nested dicts and lists."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _leaves(v, f"{key}[{i}]")
+    else:
+        yield key, key.rsplit(".", 1)[-1].split("[")[0], value
+
+
+def check_model_kwargs(kwargs: dict[str, Any], prefix: str = "model_kwargs") -> None:
+    """BadConfigError naming the dotted key of the first ``model_kwargs`` value out of range: sizes
+    (widths, dims, heads, layers, ...) must be integers in ``[1, 8192]`` (``vocab_size`` up to 10**6),
+    dropouts in ``[0, 1)``, ``logit_scale`` > 0, and every number finite and of sane magnitude."""
+    for key, name, value in _leaves(kwargs, prefix):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        problem = None
+        if isinstance(value, float) and not math.isfinite(value):
+            problem = "must be a finite number"
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > 2**31:
+            problem = "is absurdly large"
+        elif name in _SIZE_KEYS or name == "vocab_size":
+            high = MAX_VOCAB if name == "vocab_size" else MAX_MODEL_SIZE
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high
+            ):
+                problem = f"must be an integer in [1, {high}]"
+        elif "dropout" in name or name.endswith("drop_rate") or name == "drop_path_rate":
+            if not number or not 0 <= value < 1:
+                problem = "must be a number in [0, 1)"
+        elif name == "logit_scale" and (not number or value <= 0):
+            problem = "must be a number > 0"
+        if problem:
+            raise BadConfigError(
+                f"config key {key!r} {problem}, got {short_repr(value)}",
+                hint="Fix the value in the YAML or the override.",
+            )
+
+
+# What a network constructor raises when a model_kwargs value of the right type still cannot build it
+# (e.g. a width torch cannot allocate): translated to BadConfigError by the tasks.
+network_errors = (TypeError, ValueError, RuntimeError, OverflowError, AssertionError, KeyError, MemoryError)
+
+
+def network_error(err: Exception, model: str) -> BadConfigError:
+    """The BadConfigError for ``err`` raised while building ``model`` from ``model_kwargs``."""
+    return BadConfigError(
+        f"cannot build {model} from model_kwargs: {short_repr(str(err), 160).strip(chr(39))}",
+        hint="Check the names, types and sizes in model_kwargs against the model's builder.",
+    )
+
+
 class ToySegmenter(nn.Module):
     """A small fully convolutional segmentation net: the ``toy-semantic`` task's train module.
 
@@ -115,6 +187,12 @@ class ToySegmenter(nn.Module):
         ignore_index: int = 255,
     ) -> None:
         super().__init__()
+        if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= MAX_MODEL_SIZE:
+            raise BadConfigError(
+                f"ToySegmenter width must be an integer in [1, {MAX_MODEL_SIZE}], got {width!r}"
+            )
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise BadConfigError(f"ToySegmenter dropout must be in [0, 1), got {dropout!r}")
 
         def block(c_in: int, dilation: int) -> nn.Sequential:
             conv = nn.Conv2d(c_in, width, 3, padding=dilation, dilation=dilation, bias=False)
@@ -162,6 +240,10 @@ def build_toy_semantic(config: TrainConfig) -> TaskParts:
         raise BadConfigError(
             f"unknown model_kwargs key {unknown[0]!r} for toy-convnet", hint="Valid: width, dropout."
         )
+    check_model_kwargs(config.model_kwargs)
+    dropout = config.model_kwargs.get("dropout", 0.1)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise BadConfigError(f"config key 'model_kwargs.dropout' must be a number in [0, 1), got {dropout!r}")
     train = build_dataset(config.data.name, config.data.kwargs)
     val = build_dataset(config.val_data.name, config.val_data.kwargs) if config.val_data is not None else None
     labels = list(getattr(train, "labels", []))
@@ -169,12 +251,15 @@ def build_toy_semantic(config: TrainConfig) -> TaskParts:
         raise BadConfigError(
             f"dataset {config.data.name!r} has no class labels", hint="Use a semantic dataset."
         )
-    module = ToySegmenter(
-        len(labels),
-        head_lr_mult=config.optim.head_lr_mult,
-        ignore_index=config.data.ignore_index,
-        **config.model_kwargs,
-    )
+    try:
+        module = ToySegmenter(
+            len(labels),
+            head_lr_mult=config.optim.head_lr_mult,
+            ignore_index=config.data.ignore_index,
+            **config.model_kwargs,
+        )
+    except network_errors as err:
+        raise network_error(err, "toy-convnet") from None
     evaluate = SemanticEvaluator(len(labels), labels, config.data.ignore_index)
     return TaskParts(module, train, val, evaluate)
 

@@ -55,7 +55,7 @@ from langseg.predict.tokenizers import (
 from langseg.registry import get_model_entry
 from langseg.train.config import DataConfig, TrainConfig, config_from_dict
 from langseg.train.optim import head_backbone_groups
-from langseg.train.tasks import TaskParts, register_task
+from langseg.train.tasks import TaskParts, check_model_kwargs, network_error, network_errors, register_task
 from langseg.train.transforms import swap_left_right
 
 __all__ = ["VLTTrainModule", "build_vlt_module", "build_vlt_referring", "export_vlt", "save_trained_vlt"]
@@ -270,6 +270,7 @@ def build_vlt_module(
             hint=f"Valid: the VLT arguments {', '.join(_VLT_KEYS)}, and {', '.join(TASK_KEYS)}.",
         )
     _check_types(kwargs)
+    check_model_kwargs(kwargs)
     vocab_options = kwargs.pop("vocab", {})
     loss_reduction = kwargs.pop("loss_reduction", "image")
     loss_resolution = kwargs.pop("loss_resolution", "output")
@@ -300,10 +301,8 @@ def build_vlt_module(
         text["vocab_size"] = pinned or len(tokenizer)
     try:
         net = entry.builder(**{**entry.kwargs, **kwargs, "text": text})
-    except TypeError as err:  # a value of the wrong type reaching the network
-        raise BadConfigError(
-            f"bad model_kwargs for {name}: {err}", hint="Check the types in model_kwargs."
-        ) from None
+    except network_errors as err:  # a value of the wrong type or size reaching the network
+        raise network_error(err, name) from None
     data = config.data
     return VLTTrainModule(
         net,
