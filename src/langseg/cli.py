@@ -6,6 +6,7 @@ without a traceback, and exit with status 2, the same status click uses for usag
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -32,6 +33,23 @@ app.add_typer(convert_app, name="convert")
 
 console = Console()
 err_console = Console(stderr=True)
+
+
+def path_arg(value: str | Path) -> Path:
+    """A path from the command line (the ``parser`` of every path option): an empty one, or one this
+    machine cannot even look at (too long, a symlink loop), is a usage error (exit status 2) before
+    any work; typer reports the ``ValueError`` with the option's name."""
+    text = str(value)
+    if not text.strip():
+        raise ValueError("an empty path: pass a file or folder name")
+    try:
+        os.stat(text)
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # new outputs, and inputs the command reports as missing itself
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte
+        shown = text if len(text) <= 60 else f"{text[:60]}..."
+        raise ValueError(f"cannot use the path {shown!r}: {getattr(err, 'strerror', None) or err}") from err
+    return Path(text)
 
 
 @app.command()
@@ -71,6 +89,10 @@ def models(
     from langseg.hub import weights_available
     from langseg.registry import model_entries
 
+    if task is not None and task not in ("semantic", "referring"):
+        from langseg.errors import BadConfigError
+
+        raise BadConfigError(f"unknown task {task!r}", hint="Use --task semantic or --task referring.")
     entries = [e for e in model_entries() if task is None or e.task == task]
     if not entries:
         console.print("No models registered" + (f" for task {task!r}." if task else "."))
@@ -91,7 +113,9 @@ def models(
 
 @data_app.command("shapes")
 def data_shapes(
-    out: Path = typer.Option(..., "--out", help="Folder to write the world into (new or empty)."),
+    out: Path = typer.Option(
+        ..., "--out", parser=path_arg, help="Folder to write the world into (new, or empty)."
+    ),
     num: int = typer.Option(100, "--num", min=0, help="Number of scenes."),
     seed: int = typer.Option(0, "--seed", help="World seed: the same seed gives the same bytes."),
     size: int = typer.Option(256, "--size", min=32, help="Image side in pixels."),
@@ -103,7 +127,9 @@ def data_shapes(
         "colour_shape", "--granularity", help="Semantic classes: shape, colour or colour_shape."
     ),
     per_object: int = typer.Option(3, "--per-object", min=1, help="Referring expressions per object."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty folder."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the world in --out (a folder of a world only), all at once."
+    ),
 ) -> None:
     """Render a ShapeWorld to disk: PNG images and masks, JSON objects and referring expressions."""
     from langseg.data.shapes import ShapeWorldConfig
@@ -134,8 +160,12 @@ def data_shapes(
 
 @convert_app.command("lseg-official")
 def convert_lseg(
-    ckpt: Path = typer.Argument(..., help="Official LSeg Lightning checkpoint, e.g. demo_e200.ckpt."),
-    out_dir: Path = typer.Argument(..., help="Folder to write model.safetensors and config.json into."),
+    ckpt: Path = typer.Argument(
+        ..., parser=path_arg, help="Official LSeg Lightning checkpoint, e.g. demo_e200.ckpt."
+    ),
+    out_dir: Path = typer.Argument(
+        ..., parser=path_arg, help="Folder to write model.safetensors and config.json into (new or empty)."
+    ),
     variant: str | None = typer.Option(
         None, "--variant", help="lseg-vitl16-384 or lseg-vitb32-384 (default: read from the checkpoint)."
     ),
@@ -145,22 +175,27 @@ def convert_lseg(
     block_depth: int | None = typer.Option(None, "--block-depth", help="Official block_depth."),
     activation: str | None = typer.Option(None, "--activation", help="Official activation: lrelu or tanh."),
     overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace a converted model already in OUT_DIR."
+        False, "--overwrite", help="Replace the converted model in OUT_DIR (a model folder only)."
     ),
 ) -> None:
     """Convert an official LSeg checkpoint (isl-org/lang-seg) into a folder langseg.load() reads."""
+    from langseg.batch import check_output_folder, path_kind, write_folder_atomic
     from langseg.convert.lseg_official import convert_lseg_official
     from langseg.errors import OutputError
-    from langseg.hub import CONFIG_NAME
+    from langseg.hub import CONFIG_NAME, WEIGHTS_NAME
 
-    if (out_dir / CONFIG_NAME).exists() and not overwrite:
+    if path_kind(out_dir / CONFIG_NAME) == "file" and not overwrite:
         raise OutputError(
             f"{out_dir} already holds a converted model", hint="Choose another folder, or pass --overwrite."
         )
-    folder = convert_lseg_official(
-        ckpt, out_dir, variant, arch_option=arch_option, block_depth=block_depth, activation=activation
-    )
-    console.print(f"converted {ckpt} to {folder}; load it with langseg.load({str(folder)!r})")
+    check_output_folder(out_dir, overwrite, (WEIGHTS_NAME, CONFIG_NAME), inputs=[ckpt])
+
+    def convert(folder: Path) -> None:
+        options = {"arch_option": arch_option, "block_depth": block_depth, "activation": activation}
+        convert_lseg_official(ckpt, folder, variant, **options)
+
+    write_folder_atomic(out_dir, convert, last=CONFIG_NAME)
+    console.print(f"converted {ckpt} to {out_dir}; load it with langseg.load({str(out_dir)!r})")
 
 
 class OutputFormat(str, Enum):
@@ -204,7 +239,7 @@ def read_labels(value: str) -> list[str]:
 
 @app.command()
 def segment(
-    images: list[Path] = typer.Argument(..., help=IMAGES_HELP, show_default=False),
+    images: list[Path] = typer.Argument(..., parser=path_arg, help=IMAGES_HELP, show_default=False),
     labels: str = typer.Option(
         ...,
         "--labels",
@@ -214,8 +249,10 @@ def segment(
     model: str = typer.Option(
         "naclip-vit-b16", "--model", help="Semantic model: name, folder, mode:ARCH/TAG."
     ),
-    weights: Path | None = typer.Option(None, "--weights", help="Local checkpoint to use instead."),
-    out: Path = typer.Option(Path("langseg_out"), "--out", help=OUT_HELP),
+    weights: Path | None = typer.Option(
+        None, "--weights", parser=path_arg, help="Local checkpoint to use instead."
+    ),
+    out: Path = typer.Option("langseg_out", "--out", parser=path_arg, help=OUT_HELP),
     fmt: OutputFormat = typer.Option(OutputFormat.both, "--format", help=FORMAT_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that exist already."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -232,13 +269,15 @@ def segment(
 
 @app.command()
 def refer(
-    images: list[Path] = typer.Argument(..., help=IMAGES_HELP, show_default=False),
+    images: list[Path] = typer.Argument(..., parser=path_arg, help=IMAGES_HELP, show_default=False),
     texts: list[str] = typer.Option(
         ..., "--text", help='An expression, e.g. "the large circle on the left"; repeat for more.'
     ),
     model: str = typer.Option("vlt-shapes", "--model", help="Referring model name or folder."),
-    weights: Path | None = typer.Option(None, "--weights", help="Local checkpoint to use instead."),
-    out: Path = typer.Option(Path("langseg_out"), "--out", help=OUT_HELP),
+    weights: Path | None = typer.Option(
+        None, "--weights", parser=path_arg, help="Local checkpoint to use instead."
+    ),
+    out: Path = typer.Option("langseg_out", "--out", parser=path_arg, help=OUT_HELP),
     fmt: OutputFormat = typer.Option(OutputFormat.both, "--format", help=FORMAT_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that exist already."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
@@ -306,7 +345,9 @@ def main() -> None:
 
 @app.command()
 def train(
-    config: Path = typer.Argument(..., help="YAML training recipe, e.g. configs/toy_shapes.yaml."),
+    config: Path = typer.Argument(
+        ..., parser=path_arg, help="YAML training recipe, e.g. configs/toy_shapes.yaml."
+    ),
     overrides: list[str] | None = typer.Argument(
         None, help="dotted key=value overrides, e.g. optim.lr=0.001 data.batch_size=4.", show_default=False
     ),
@@ -334,44 +375,61 @@ def eval_(
     data: str = typer.Option(
         ..., "--data", help="Dataset name, e.g. shapeworld-semantic, ade20k, pascal-5i, refcoco."
     ),
-    root: Path | None = typer.Option(None, "--root", help="Dataset root folder (real benchmarks)."),
+    root: Path | None = typer.Option(
+        None, "--root", parser=path_arg, help="Dataset root folder (real benchmarks)."
+    ),
     split: str | None = typer.Option(None, "--split", help="Dataset split, e.g. val, testA."),
     data_args: list[str] | None = typer.Option(
         None, "--data-arg", help="Extra dataset setting KEY=VALUE (YAML value), repeatable."
     ),
-    weights: Path | None = typer.Option(None, "--weights", help="Local weights for a registered name."),
+    weights: Path | None = typer.Option(
+        None, "--weights", parser=path_arg, help="Local weights for a registered name."
+    ),
     plan: str | None = typer.Option(None, "--plan", help="Test-time plan: single or paper (LSeg)."),
     upsample: str | None = typer.Option(
         None, "--upsample", help="VLT: resize logits (default) or probability (official) to the image."
     ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Evaluate the first N samples only."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, ..."),
-    out: Path | None = typer.Option(None, "--out", help="Also write the scores as JSON here."),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        parser=path_arg,
+        help="Also write the scores as JSON here (a NaN or infinite score is written as null).",
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the --out file if it exists."),
 ) -> None:
     """Score a model on a dataset (mIoU/pixAcc, few-shot mIoU/FB-IoU, oIoU/mIoU/Pr@k); torchrun shards it."""
-    import json
     import os
 
-    import yaml
-
     import langseg
+    from langseg.api import check_load
+    from langseg.batch import check_output_file, write_file_atomic
     from langseg.data import build_dataset
     from langseg.errors import BadConfigError, OutputError
-    from langseg.evaluate import evaluate
+    from langseg.evaluate import evaluate, scores_json
+    from langseg.yamlio import load_yaml, short_repr
 
+    # Everything about the model, the device and the output is checked before the dataset is built.
+    given = {"plan": plan, "upsample": upsample}
+    options = {key: value for key, value in given.items() if value is not None}
+    check_load(model, weights, device, **options)
+    if out is not None:
+        check_output_file(out, overwrite, _eval_inputs(model, weights))
+        if root is not None and root.resolve() in out.resolve().parents:
+            hint = "Write the scores outside the dataset, e.g. --out scores.json."
+            raise OutputError(f"--out {out} is inside the dataset root {root}", hint=hint)
     kwargs: dict = {}
     for item in data_args or []:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise BadConfigError(f"--data-arg expects KEY=VALUE, got {item!r}")
-        kwargs[key.strip()] = yaml.safe_load(value)
+        if not sep or not key.strip():
+            raise BadConfigError(f"--data-arg expects KEY=VALUE, got {short_repr(item)}")
+        kwargs[key.strip()] = load_yaml(value, f"--data-arg {short_repr(item, 60)}")
     if root is not None:
         kwargs["root"] = str(root)
     if split is not None:
         kwargs["split"] = split
     dataset = build_dataset(data, kwargs)
-    given = {"plan": plan, "upsample": upsample}
-    options = {key: value for key, value in given.items() if value is not None}
     predictor = langseg.load(model, weights=weights, device=device, **options)
     scores = evaluate(predictor, dataset, limit=limit)
     if os.environ.get("RANK", "0") != "0":
@@ -382,25 +440,54 @@ def eval_(
             table.add_row(key, f"{value:g}" if key == "classes" else f"{value:.4f}")  # a count
     console.print(table)
     if out is not None:
-        try:
-            out.write_text(json.dumps(scores, indent=2))
-        except OSError as err:
-            raise OutputError(f"cannot write {out}: {err.strerror or err}") from err
+        text = scores_json(scores)
+        write_file_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite)
+
+
+def _eval_inputs(model: str, weights: Path | None) -> list[Path]:
+    """The files ``langseg eval`` reads, which its ``--out`` must never replace: the weights, and the
+    model's own checkpoint files when ``model`` is a path."""
+    from langseg.hub import CONFIG_NAME, WEIGHTS_NAME
+
+    inputs = [weights] if weights is not None else []
+    path = Path(model)
+    try:
+        if model.strip() and path.exists():
+            folder = path if path.is_dir() else path.parent
+            inputs += [path, folder / CONFIG_NAME, folder / WEIGHTS_NAME]
+    except OSError:  # not a usable path: a registered name, checked by check_load
+        pass
+    return inputs
 
 
 @app.command("export")
 def export(
-    config: Path = typer.Argument(..., help="The YAML recipe the model was trained with."),
-    out_dir: Path = typer.Argument(..., help="Folder to write the model into (langseg.load reads it)."),
+    config: Path = typer.Argument(..., parser=path_arg, help="The YAML recipe the model was trained with."),
+    out_dir: Path = typer.Argument(
+        ..., parser=path_arg, help="Folder to write the model into, new or empty (langseg.load reads it)."
+    ),
     checkpoint: str = typer.Option("auto", "--checkpoint", help="Checkpoint file, run folder or auto."),
     overrides: list[str] | None = typer.Option(None, "--set", help="Config override KEY=VALUE, repeatable."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace the model in OUT_DIR (a model folder only)."
+    ),
 ) -> None:
     """Export a trained checkpoint as a model folder for `langseg.load`, `segment` and `eval`."""
+    from langseg.batch import check_output_folder, write_folder_atomic
+    from langseg.hub import CONFIG_NAME, WEIGHTS_NAME
     from langseg.train import load_config
     from langseg.train.export import export_checkpoint
 
-    folder = export_checkpoint(load_config(config, overrides or []), checkpoint, out_dir)
-    console.print(f"exported to {folder}; load it with langseg.load({str(folder)!r})")
+    if not checkpoint.strip():
+        from langseg.errors import BadConfigError
+
+        raise BadConfigError("--checkpoint is empty", hint="Pass a checkpoint file, a run folder or auto.")
+    recipe = load_config(config, overrides or [])
+    # The checkpoint (or the run folder "auto" searches) is an input: OUT_DIR must not hold it.
+    source = Path(recipe.out_dir) if checkpoint.strip() == "auto" else Path(checkpoint)
+    check_output_folder(out_dir, overwrite, (WEIGHTS_NAME, CONFIG_NAME), inputs=[config, source])
+    write_folder_atomic(out_dir, lambda tmp: export_checkpoint(recipe, checkpoint, tmp), last=CONFIG_NAME)
+    console.print(f"exported to {out_dir}; load it with langseg.load({str(out_dir)!r})")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ mean IoU and Prec@0.5-0.9.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -46,8 +47,10 @@ __all__ = [
     "SemanticEvaluator",
     "evaluate",
     "evaluator_for",
+    "json_safe",
     "predict_fn",
     "run_evaluator",
+    "scores_json",
 ]
 
 Batch = dict[str, Any]
@@ -189,6 +192,26 @@ def predict_fn(predictor: Any, evaluator: Evaluator) -> Predict:
 def _one_sample_batch(sample: dict[str, Any]) -> Batch:
     """A batch of one: ``image`` ``1 x 3 x H x W``, ``mask`` ``1 x H x W``, other keys one-item lists."""
     return {k: v.unsqueeze(0) if isinstance(v, torch.Tensor) else [v] for k, v in sample.items()}
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` (scores: dicts, lists, numbers) with every NaN or infinite float as ``None`` and numpy
+    scalars as Python numbers, so that it is valid JSON (``json.dumps`` would write bare ``NaN``)."""
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    if isinstance(value, (np.generic, torch.Tensor)) and np.size(value) == 1:
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def scores_json(scores: dict[str, Any]) -> str:
+    """The JSON text ``langseg eval --out`` writes: NaN and infinite scores (e.g. the IoU of a class that
+    never occurs) become ``null``; raises ``ValueError`` on anything JSON cannot hold."""
+    return json.dumps(json_safe(scores), indent=2, allow_nan=False) + "\n"
 
 
 def evaluate(

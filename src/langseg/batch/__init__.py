@@ -35,11 +35,43 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from langseg.batch.outputs import (
+    FORMATS,
+    OUTPUTS,
+    TEMP_PREFIX,
+    check_output_dir,
+    check_output_file,
+    check_output_folder,
+    path_kind,
+    plan_outputs,
+    write_atomic,
+    write_file_atomic,
+    write_folder_atomic,
+)
 from langseg.errors import BadConfigError, BadImageError, LangsegError, OutputError
 
+__all__ = [
+    "FORMATS",
+    "OUTPUTS",
+    "TEMP_PREFIX",
+    "BatchJob",
+    "BatchSummary",
+    "check_job",
+    "check_output_dir",
+    "check_output_file",
+    "check_output_folder",
+    "expand_images",
+    "load_predictor",
+    "path_kind",
+    "plan_outputs",
+    "run_batch",
+    "write_atomic",
+    "write_file_atomic",
+    "write_folder_atomic",
+    "write_outputs",
+]
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
-OUTPUTS = {"overlay": ".overlay.png", "mask": ".mask.png", "json": ".json"}
-FORMATS = {"png": ("overlay", "mask"), "json": ("json",), "both": ("overlay", "mask", "json")}
 COMMANDS = {"semantic": "segment", "referring": "refer"}
 
 
@@ -105,22 +137,11 @@ def expand_images(items: Sequence[str | Path], skip_outputs_in: Path | None = No
         return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not ours
 
     for item in items:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            files = sorted(p for p in path.iterdir() if is_image(p))
-            if not files:
-                hint = f"Image files end in {', '.join(IMAGE_SUFFIXES)}."
-                raise BadImageError(f"the folder {path} holds no images", hint=hint)
-        elif path.exists():
-            files = [path]
-        elif glob.has_magic(str(item)):
-            files = sorted(p for p in map(Path, glob.glob(str(path))) if is_image(p))
-            if not files:
-                raise BadImageError(f"no image file matches {item}", hint="Check the pattern and the folder.")
-        else:
-            hint = "Check the path (and the working directory)."
-            raise BadImageError(f"image not found: {item}", hint=hint)
-        found += files
+        try:
+            found += _expand_one(item, is_image)
+        except OSError as err:  # too long, a symlink loop, a folder that cannot be listed...
+            hint = "Check the path, and that you may read it."
+            raise BadImageError(f"cannot read {item}: {err.strerror or err}", hint=hint) from err
     if not found:
         raise BadImageError("no images given", hint="Pass image files, folders or globs.")
     for path in found:
@@ -130,44 +151,24 @@ def expand_images(items: Sequence[str | Path], skip_outputs_in: Path | None = No
     return [p for p in found if unique.get(p.resolve()) is p]
 
 
-def check_output_dir(out_dir: Path) -> None:
-    """Raise :class:`OutputError` unless ``out_dir`` is (or can be created as) a writable folder; creates
-    nothing."""
-    existing = out_dir
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        hint = "Pass --out a folder (new or existing)."
-        raise OutputError(f"cannot write into {out_dir}: {existing} is a file", hint=hint)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write into {out_dir}: {existing} is not writable")
-
-
-def plan_outputs(images: Sequence[Path], out_dir: Path, fmt: str, overwrite: bool) -> list[dict[str, Path]]:
-    """For each image, output kind -> path in ``out_dir`` (``STEM.overlay.png``, ``STEM.mask.png``,
-    ``STEM.json``); raises :class:`OutputError` if two images share a stem, or (without ``overwrite``)
-    if any output exists already."""
-    if fmt not in FORMATS:
-        raise BadConfigError(f"unknown format {fmt!r}", hint=f"Use one of {', '.join(FORMATS)}.")
-    check_output_dir(out_dir)
-    owners: dict[str, Path] = {}
-    plans = []
-    for image in images:
-        if image.stem in owners:
-            raise OutputError(
-                f"{owners[image.stem]} and {image} would write the same outputs ({image.stem}.*)",
-                hint="Rename one of them, or run them with different --out folders.",
-            )
-        owners[image.stem] = image
-        plans.append({kind: out_dir / f"{image.stem}{OUTPUTS[kind]}" for kind in FORMATS[fmt]})
-    existing = [path for plan in plans for path in plan.values() if path.exists()]
-    if existing and not overwrite:
-        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
-        raise OutputError(
-            f"{len(existing)} output file(s) exist already: {', '.join(map(str, existing[:3]))}{more}",
-            hint="Pass --overwrite to replace them, or choose another --out folder.",
-        )
-    return plans
+def _expand_one(item: str | Path, is_image: Callable[[Path], bool]) -> list[Path]:
+    """The image files of one command-line item (see :func:`expand_images`)."""
+    path = Path(item).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if is_image(p))
+        if not files:
+            hint = f"Image files end in {', '.join(IMAGE_SUFFIXES)}."
+            raise BadImageError(f"the folder {path} holds no images", hint=hint)
+    elif path.exists():
+        files = [path]
+    elif glob.has_magic(str(item)):
+        files = sorted(p for p in map(Path, glob.glob(str(path))) if is_image(p))
+        if not files:
+            raise BadImageError(f"no image file matches {item}", hint="Check the pattern and the folder.")
+    else:
+        hint = "Check the path (and the working directory)."
+        raise BadImageError(f"image not found: {item}", hint=hint)
+    return files
 
 
 def check_job(
@@ -227,27 +228,6 @@ def load_predictor(job: BatchJob) -> Any:
 # ---------------------------------------------------------------------------------------- writing
 
 
-def write_atomic(path: Path, write: Callable[[Path], None], overwrite: bool) -> None:
-    """Call ``write(temporary path)``, then move the file to ``path`` in one step; without ``overwrite``
-    a file that is at ``path`` by then is kept and this raises :class:`OutputError`."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
-    try:
-        write(tmp)
-        if overwrite:
-            os.replace(tmp, path)
-            return
-        try:
-            os.link(tmp, path)  # fails if path exists, atomically: never replaces what appeared meanwhile
-        except FileExistsError as err:
-            raise OutputError(f"{path} exists already", hint="Pass --overwrite to replace it.") from err
-        except OSError:  # a file system without hard links
-            if path.exists():
-                raise OutputError(f"{path} exists already", hint="Pass --overwrite to replace it.") from None
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_outputs(
     result: Any, image: Path, paths: dict[str, Path], model: str, overwrite: bool = False
 ) -> list[Path]:
@@ -257,13 +237,24 @@ def write_outputs(
         # fraction of the time (the writer thread's time is what keeps up with the network).
         "overlay": lambda tmp: result.overlay().save(tmp, format="PNG", compress_level=1),
         "mask": lambda tmp: result.mask_image().save(tmp, format="PNG", compress_level=1),
-        "json": lambda tmp: tmp.write_text(json.dumps(_record(result, image, model), indent=1)),
+        "json": lambda tmp: tmp.write_text(_json_text(_record(result, image, model))),
     }
     written = []
     for kind, path in paths.items():
         write_atomic(path, writers[kind], overwrite)
         written.append(path)
     return written
+
+
+def _json_text(record: dict[str, Any]) -> str:
+    """``record`` as JSON; a NaN or infinite number (e.g. the score of a model with broken weights) is
+    written as ``null``, never as a bare ``NaN`` token, which is not JSON."""
+    try:
+        return json.dumps(record, indent=1, allow_nan=False)
+    except ValueError:  # rare: only then pay for walking the record
+        from langseg.evaluate import json_safe
+
+        return json.dumps(json_safe(record), indent=1, allow_nan=False)
 
 
 def _record(result: Any, image: Path, model: str) -> dict[str, Any]:
