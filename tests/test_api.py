@@ -229,3 +229,12 @@ def test_checkpoint_writes_replace_files_whole(tmp_path: Path) -> None:
     state, config = hub.read_checkpoint(second)
     assert config == {"model": "b"} and state["weight"].shape == (1, 4)
     assert sorted(p.name for p in second.iterdir()) == ["config.json", "model.safetensors"]  # no temp files
+
+
+def test_create_model_keyword_arguments_keep_or_refuse_the_checkpoint_weights() -> None:
+    plain = langseg.create_model("vlt-shapes", pretrained=True)
+    tuned = langseg.create_model("vlt-shapes", pretrained=True, dropout=0.1)  # same shapes: same weights
+    for (key, a), b in zip(plain.state_dict().items(), tuned.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    with pytest.raises(BadConfigError, match="change the network"):
+        langseg.create_model("vlt-shapes", pretrained=True, hidden_dim=48)

@@ -21,7 +21,6 @@ from langseg.hub import (
     CONFIG_NAME,
     as_path,
     checkpoint_files,
-    clean_message,
     config_dict,
     config_normalisation,
     file_in_folder,
@@ -48,7 +47,7 @@ from langseg.predict.images import HALF_MEAN, HALF_STD
 from langseg.predict.segmenter import Preprocess, Segmenter
 from langseg.predict.tta import PAPER_SCALES, InferencePlan
 from langseg.registry import Family, ModelEntry, WeightsSpec, register_family, register_model
-from langseg.zoo.options import as_float_dtype, check_int, check_type
+from langseg.zoo.options import as_float_dtype, check_int, check_type, refit
 
 LSEG_TOKENIZER = "ViT-B-32"
 PLAN_NAMES = ("single", "paper", "native")
@@ -297,16 +296,7 @@ def load_network(entry: ModelEntry, weights: Path | None, **kwargs: Any) -> LSeg
     net, _, config = load_lseg(_source(entry, weights), variant=entry.name)
     if not kwargs:
         return net
-    rebuilt = LSegNet(**{**config["kwargs"], **kwargs})
-    try:
-        rebuilt.load_state_dict(net.state_dict())
-    except RuntimeError as err:  # the keyword arguments changed a tensor's shape
-        raise BadConfigError(
-            f"create_model({entry.name!r}, ...): the keyword arguments {sorted(kwargs)} change the network, "
-            f"so the checkpoint's weights no longer fit ({clean_message(err, 200)})",
-            hint="Pass only arguments that keep the shapes (e.g. dropout), or pretrained=False.",
-        ) from None
-    return rebuilt
+    return refit(entry.name, net, LSegNet(**{**config["kwargs"], **kwargs}), kwargs)
 
 
 # Weights that ship inside the package (langseg/weights/lseg-shapes/), checked by digest when loaded.

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+from typing import TypeVar
 
 import torch
+from torch import nn
 
 from langseg.errors import BadConfigError
+from langseg.hub import clean_message
+
+M = TypeVar("M", bound=nn.Module)
 
 # Weight dtypes a predictor can run in, by the names the CLI's --dtype takes.
 DTYPES: dict[str, torch.dtype] = {
@@ -57,3 +62,17 @@ def check_type(value: object, name: str, kind: type | tuple[type, ...], what: st
     """A :class:`BadConfigError` unless ``value`` is ``None`` or a ``kind`` (``what`` names it)."""
     if value is not None and not isinstance(value, kind):
         raise BadConfigError(f"{name} must be {what}, got {type(value).__name__} {value!r:.80}")
+
+
+def refit(name: str, loaded: nn.Module, rebuilt: M, kwargs: dict[str, object]) -> M:
+    """``rebuilt`` (the network built again with ``create_model``'s keyword arguments) holding the weights
+    of ``loaded``; a :class:`BadConfigError` when the arguments changed a tensor's shape."""
+    try:
+        rebuilt.load_state_dict(loaded.state_dict())
+    except RuntimeError as err:
+        raise BadConfigError(
+            f"create_model({name!r}, ...): the keyword arguments {sorted(kwargs)} change the network, "
+            f"so the checkpoint's weights no longer fit ({clean_message(err, 200)})",
+            hint="Pass only arguments that keep the shapes (e.g. dropout), or pretrained=False.",
+        ) from None
+    return rebuilt

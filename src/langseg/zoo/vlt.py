@@ -16,7 +16,6 @@ import torch
 from langseg.errors import BadConfigError, BadDataError
 from langseg.hub import (
     checkpoint_files,
-    clean_message,
     config_dict,
     config_normalisation,
     read_checkpoint,
@@ -31,7 +30,7 @@ from langseg.predict.images import IMAGENET_MEAN, IMAGENET_STD, UNIT_MEAN, UNIT_
 from langseg.predict.referrer import UPSAMPLE, Letterbox, Referrer
 from langseg.predict.tokenizers import Tokenizer, Vocab, tokenizer_from_config
 from langseg.registry import Family, ModelEntry, WeightsSpec, register_family, register_model
-from langseg.zoo.options import as_float_dtype
+from langseg.zoo.options import as_float_dtype, refit
 
 # Weights that ship inside the package (langseg/weights/<name>/), checked by digest when loaded.
 VLT_SHAPES_SHA256 = "2e2e7b615de0b4c4534732f897307dd646c6551547a6cb6f945f0e03170c4085"
@@ -154,15 +153,7 @@ def load_network(entry: ModelEntry, weights: Path | None, **kwargs: Any) -> VLT:
     if not kwargs:
         return model
     rebuilt = entry.builder(**{**entry.kwargs, **config.get("kwargs", {}), **kwargs})
-    try:
-        rebuilt.load_state_dict(model.state_dict())
-    except RuntimeError as err:  # the keyword arguments changed a tensor's shape
-        raise BadConfigError(
-            f"create_model({entry.name!r}, ...): the keyword arguments {sorted(kwargs)} change the network, "
-            f"so the checkpoint's weights no longer fit ({clean_message(err, 200)})",
-            hint="Pass only arguments that keep the shapes (e.g. dropout), or pretrained=False.",
-        ) from None
-    return rebuilt
+    return refit(entry.name, model, rebuilt, kwargs)
 
 
 FAMILY = register_family(Family("vlt", VLTOptions, load_predictor, load_network))
