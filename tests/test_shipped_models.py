@@ -5,9 +5,10 @@ seed 7 and compute the scores here, from the masks the public predictors return,
 langseg.metrics). Run with ``-s`` to see the figures.
 
 Issue 12 asks for ``lseg-shapes`` mIoU >= 0.90 and ``vlt-shapes`` mean IoU >= 0.85 on each background at
-64 and 256 px. Measured here: vlt-shapes 0.878-0.928 on every background and size (the test asserts the
-issue's 0.85); lseg-shapes 0.892, short of 0.90, so its floors sit just under what was measured and a
-regression (or a model that only knows plain backgrounds) fails; raise them as the recipe improves.
+64 and 256 px. Measured here: vlt-shapes 0.878-0.928 on every background and size; lseg-shapes 0.9004
+with its default plan (the 128 px pass plus its horizontal flip; 0.898 without the flip), plain 0.897,
+noise 0.903, texture 0.886. The tests assert the issue's figures, and >= 0.88 per background for
+lseg-shapes, so a regression (or a model that only knows plain backgrounds) fails.
 """
 
 from __future__ import annotations
@@ -62,6 +63,6 @@ def test_lseg_shapes_segments_fresh_scenes_of_every_kind() -> None:
         intersection, union = intersection + inter_b, union + union_b
     miou = float(np.mean(intersection[union > 0] / union[union > 0]))
     shown = ", ".join(f"{b} {v:.3f}" for b, v in per_background.items())
-    print(f"lseg-shapes: mIoU {miou:.3f} over {int((union > 0).sum())} classes (per background: {shown})")
-    assert (union > 0).sum() >= 35 and miou >= 0.87
-    assert all(value >= 0.85 for value in per_background.values())
+    print(f"lseg-shapes: mIoU {miou:.4f} over {int((union > 0).sum())} classes (per background: {shown})")
+    assert (union > 0).sum() >= 35 and miou >= 0.90
+    assert all(value >= 0.88 for value in per_background.values())

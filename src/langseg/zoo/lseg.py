@@ -300,7 +300,7 @@ def load_network(entry: ModelEntry, weights: Path | None, **kwargs: Any) -> LSeg
 
 
 # Weights that ship inside the package (langseg/weights/lseg-shapes/), checked by digest when loaded.
-LSEG_SHAPES_SHA256 = "62a627ddf7f3fde7fd3d5f102359711b64b7eec6df0a8db8ae4297d947199f64"
+LSEG_SHAPES_SHA256 = "53af7ce33b35641d704cea2d5928b4c77b513831c83e5411886e697b62d4c23d"
 _CONVERT_HINT = (
     "Convert the official checkpoint once (`langseg convert lseg-official demo_e200.ckpt lseg-vitl16/`, see "
     "docs/lseg.md), then langseg.load('lseg-vitl16/'); or pass weights='path/to/official.ckpt'."
