@@ -24,6 +24,7 @@ LAYERS: dict[str, int] = {
     "registry": 1,
     "metrics": 1,
     "viz": 1,
+    "atomic": 1,
     "distributed": 1,
     "yamlio": 1,
     "hub": 2,

@@ -16,11 +16,12 @@ import contextlib
 import os
 import shutil
 import stat
-import threading
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
+from langseg.atomic import TEMP_PREFIX as TEMP_PREFIX  # re-exported: langseg.batch.TEMP_PREFIX
+from langseg.atomic import put_folder_in_place, temp_path
 from langseg.errors import BadConfigError, LangsegError, OutputError
 
 # What ``langseg segment`` / ``refer`` write per image STEM, and which of them each --format writes.
@@ -124,17 +125,6 @@ def plan_outputs(images: Sequence[Path], out_dir: Path, fmt: str, overwrite: boo
     return plans
 
 
-# Every temporary output, file or folder, is named TEMP_PREFIX + its final name + a process/thread tag, in
-# the folder of its final name: one rename puts it in place, and a leftover of a killed run is recognisable.
-TEMP_PREFIX = ".langseg-tmp-"
-
-
-def temp_path(path: Path, tag: str = "") -> Path:
-    """The temporary sibling of ``path`` this process and thread write before renaming it to ``path``."""
-    # The final name is cut short so that the temporary one fits the file system's name limit (255).
-    return path.with_name(f"{TEMP_PREFIX}{path.name[:160]}.{os.getpid()}-{threading.get_ident()}{tag}")
-
-
 def write_atomic(path: Path, write: Callable[[Path], None], overwrite: bool) -> None:
     """Call ``write(temporary path)``, then move the file to ``path`` in one step; without ``overwrite``
     a file that is at ``path`` by then is kept and this raises :class:`OutputError`."""
@@ -222,20 +212,7 @@ def write_folder_atomic(out: Path, write: Callable[[Path], Any], last: str | Non
         created = [folder for folder in target.parents if not folder.exists()]  # deepest first
         target.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
-        if path_kind(target) == "missing":
-            os.rename(tmp, target)
-        elif not any(target.iterdir()):  # a folder the user made: keep it (and its permissions)
-            for child in sorted(tmp.iterdir(), key=lambda p: p.name == last):
-                os.rename(child, target / child.name)
-        else:
-            old = temp_path(target, ".old")
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
+        put_folder_in_place(tmp, target, last)
         done = True
     except LangsegError:
         raise

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from langseg.atomic import TEMP_PREFIX, put_folder_in_place, temp_path
 from langseg.data.annotations import entry_field, read_json, short
 from langseg.data.shape_expressions import Expression, referring_expressions
 from langseg.data.shapes import (
@@ -268,7 +269,7 @@ def write_shapeworld(
     target = _check_world_folder(out, overwrite)
     # The world is written whole into a temporary sibling folder and then put in place, so that an
     # interrupted write never leaves a world that mixes old and new scenes (or keeps old extra ones).
-    tmp = target.with_name(f"{TEMP_PREFIX}{target.name[:160]}.{os.getpid()}")
+    tmp = temp_path(target)
     created: list[Path] = []
     done = False
     try:
@@ -305,7 +306,7 @@ def write_shapeworld(
                 on_scene(i)
         # world.json last: a folder without it is an interrupted write, never mistaken for a world.
         (tmp / "world.json").write_text(json.dumps(world, indent=2))
-        _put_world_in_place(tmp, target)
+        put_folder_in_place(tmp, target, last=WORLD_NAMES[0])  # world.json marks it complete
         done = True
     except OSError as err:
         raise OutputError(f"cannot write ShapeWorld to {out}: {err.strerror or err}") from err
@@ -317,10 +318,7 @@ def write_shapeworld(
     return out
 
 
-# What write_shapeworld writes into its folder, world.json first (it is moved in last), and the prefix of
-# its temporary folders (the same as langseg.batch.outputs.TEMP_PREFIX, which data may not import).
 WORLD_NAMES = ("world.json", "images", "instances", "semantic", "annotations")
-TEMP_PREFIX = ".langseg-tmp-"
 
 
 def _check_world_folder(out: Path, overwrite: bool) -> Path:
@@ -362,25 +360,6 @@ def _check_world_folder(out: Path, overwrite: bool) -> Path:
             f"cannot replace {out}: it is the current folder or the root", hint="Use another --out."
         )
     return target
-
-
-def _put_world_in_place(tmp: Path, target: Path) -> None:
-    """Rename the finished world ``tmp`` to ``target``: new, empty (world.json moved in last) or swapped
-    with the old world, which is then deleted."""
-    if not target.exists():
-        os.rename(tmp, target)
-    elif not any(target.iterdir()):  # a folder the user made: keep it (and its permissions)
-        for name in reversed(WORLD_NAMES):
-            os.rename(tmp / name, target / name)
-    else:
-        old = target.with_name(f"{TEMP_PREFIX}{target.name[:160]}.{os.getpid()}.old")
-        os.rename(target, old)
-        try:
-            os.rename(tmp, target)
-        except BaseException:
-            os.rename(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
 
 
 class ShapeWorldFolder(Dataset):
