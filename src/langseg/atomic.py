@@ -7,12 +7,14 @@ recognisable as langseg's own. Used by the batch writers and by ``langseg data s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["TEMP_PREFIX", "put_folder_in_place", "temp_path"]
+__all__ = ["TEMP_PREFIX", "put_folder_in_place", "temp_path", "write_folder"]
 
 TEMP_PREFIX = ".langseg-tmp-"
 
@@ -46,3 +48,27 @@ def put_folder_in_place(tmp: Path, target: Path, last: str | None = None) -> Non
             os.rename(old, target)
             raise
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_folder(target: Path, write: Callable[[Path], None], last: str | None = None) -> None:
+    """Call ``write(temporary folder)`` (a sibling of the resolved ``target``), then
+    :func:`put_folder_in_place`. A failing or interrupted write leaves ``target`` as it was and removes
+    the temporary folder and the parent folders this call made.
+
+    Raises:
+        whatever ``write`` raises, or OSError from the file system (callers turn it into their error).
+    """
+    tmp = temp_path(target)
+    created: list[Path] = []
+    done = False
+    try:
+        created = [folder for folder in target.parents if not folder.exists()]  # deepest first
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        put_folder_in_place(tmp, target, last)
+        done = True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful write
+        for folder in created if not done else ():  # the parent folders made here, if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()

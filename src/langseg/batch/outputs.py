@@ -12,16 +12,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import stat
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 from langseg.atomic import TEMP_PREFIX as TEMP_PREFIX  # re-exported: langseg.batch.TEMP_PREFIX
-from langseg.atomic import put_folder_in_place, temp_path
+from langseg.atomic import temp_path, write_folder
 from langseg.errors import BadConfigError, LangsegError, OutputError
 
 # What ``langseg segment`` / ``refer`` write per image STEM, and which of them each --format writes.
@@ -204,23 +202,10 @@ def write_folder_atomic(out: Path, write: Callable[[Path], Any], last: str | Non
     empty folder, else swapped with ``out`` (whose old content is then deleted). A failing or interrupted
     write leaves ``out`` as it was and removes the temporary folder (and the parent folders it made).
     Check with :func:`check_output_folder` first."""
-    target = out.expanduser().resolve()
-    tmp = temp_path(target)
-    created: list[Path] = []
-    done = False
     try:
-        created = [folder for folder in target.parents if not folder.exists()]  # deepest first
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        put_folder_in_place(tmp, target, last)
-        done = True
+        write_folder(out.expanduser().resolve(), write, last)
     except LangsegError:
         raise
     except OSError as err:
         raise OutputError(f"cannot write {out}: {err.strerror or err}") from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in created if not done else ():  # the parent folders this call made, if they are empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
     return out

@@ -17,10 +17,8 @@ On-disk layout written by :func:`write_shapeworld` (and ``langseg data shapes``)
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -32,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from langseg.atomic import TEMP_PREFIX, put_folder_in_place, temp_path
+from langseg.atomic import TEMP_PREFIX, write_folder
 from langseg.data.annotations import entry_field, read_json, short
 from langseg.data.shape_expressions import Expression, referring_expressions
 from langseg.data.shapes import (
@@ -267,14 +265,10 @@ def write_shapeworld(
     config = config or ShapeWorldConfig()
     out = Path(out_dir)
     target = _check_world_folder(out, overwrite)
+
     # The world is written whole into a temporary sibling folder and then put in place, so that an
     # interrupted write never leaves a world that mixes old and new scenes (or keeps old extra ones).
-    tmp = temp_path(target)
-    created: list[Path] = []
-    done = False
-    try:
-        created = [folder for folder in target.parents if not folder.exists()]  # deepest first
-        target.parent.mkdir(parents=True, exist_ok=True)
+    def write(tmp: Path) -> None:
         for sub in WORLD_NAMES[1:]:
             (tmp / sub).mkdir(parents=True)
         world = {
@@ -306,15 +300,11 @@ def write_shapeworld(
                 on_scene(i)
         # world.json last: a folder without it is an interrupted write, never mistaken for a world.
         (tmp / "world.json").write_text(json.dumps(world, indent=2))
-        put_folder_in_place(tmp, target, last=WORLD_NAMES[0])  # world.json marks it complete
-        done = True
+
+    try:
+        write_folder(target, write, last=WORLD_NAMES[0])  # world.json, written last, marks it complete
     except OSError as err:
         raise OutputError(f"cannot write ShapeWorld to {out}: {err.strerror or err}") from err
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful write
-        for folder in created if not done else ():  # the parent folders made here, if still empty
-            with contextlib.suppress(OSError):
-                folder.rmdir()
     return out
 
 
