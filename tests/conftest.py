@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from langseg.predict import Referrer, Segmenter
+
 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
@@ -20,6 +22,22 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def segmenter() -> Segmenter:
+    """The bundled ``lseg-shapes`` Segmenter (offline, small), loaded once per test module."""
+    import langseg
+
+    return langseg.load("lseg-shapes")
+
+
+@pytest.fixture(scope="module")
+def referrer() -> Referrer:
+    """The bundled ``vlt-shapes`` Referrer (offline, small), loaded once per test module."""
+    import langseg
+
+    return langseg.load("vlt-shapes")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

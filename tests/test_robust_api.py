@@ -40,16 +40,6 @@ MANY = settings(parent=ROBUST, max_examples=40)
 IMAGE = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
 
 
-@pytest.fixture(scope="module")
-def segmenter() -> langseg.predict.Segmenter:
-    return langseg.load("lseg-shapes")
-
-
-@pytest.fixture(scope="module")
-def referrer() -> langseg.predict.Referrer:
-    return langseg.load("vlt-shapes")
-
-
 # Text of every kind: letters, CJK, emoji, control and format characters, lone surrogates.
 JUNK_TEXT = st.one_of(
     st.text(max_size=12),

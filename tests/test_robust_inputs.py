@@ -33,16 +33,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 MANY = settings(parent=ROBUST, max_examples=40)
 
 
-@pytest.fixture(scope="module")
-def segmenter() -> langseg.predict.Segmenter:
-    return langseg.load("lseg-shapes")
-
-
-@pytest.fixture(scope="module")
-def referrer() -> langseg.predict.Referrer:
-    return langseg.load("vlt-shapes")
-
-
 def rgb(height: int = 6, width: int = 5, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
