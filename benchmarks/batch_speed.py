@@ -13,21 +13,29 @@ machine hit every path alike):
   windowed, flipped and padded beforehand);
 - **batch, writing**: :func:`langseg.batch.run_batch` as the CLI runs it: decoding the PNG files,
   preprocessing, the network, mapping to the image size, and writing overlay, palette mask and JSON;
-- **batch, no writing**: the same without writing outputs, to see where the time goes.
+- **batch, no writing**: the same without writing outputs, to see where the time goes;
+- **batch, writing, threads**: the CLI path with its workers as threads rather than forked processes
+  (the default on Linux with a CPU predictor; see :mod:`langseg.batch.workers`);
+- **bare network, other core busy**: the bare network while another process compresses data on the
+  other core: a control for how much this machine slows one core when the other one works at all (a
+  pipeline cannot beat it, since its decoding and writing have to run somewhere).
 
 Rates are images per second by the wall clock, the median of the rounds. Beside them: the CPU time
-per image of all threads, and of the calling thread alone (the network's thread: the critical path, which
-the decoding and writing threads must not lengthen). The pipeline reaches the bare network's rate only
-when the machine has a core to spare for the decoding and writing threads, so the script also measures
-how many cores this process actually gets (two threads of GIL-free zlib work against one) and prints it
-with the load average. ``--model`` takes a registry name or a checkpoint folder (a semantic model gets
-``--labels``, a referring one ``--text``). Prints one table.
+per image of all threads and worker processes, and of the calling thread alone (the network's thread:
+the critical path, which the decoding and writing workers must not lengthen). The pipeline reaches the
+bare network's rate only when the machine has a core to spare for its workers, so the script also
+measures how many cores this process actually gets (two threads of GIL-free zlib work against one) and
+prints it with the load average. ``--model`` takes a registry name or a checkpoint folder (a semantic
+model gets ``--labels``, a referring one ``--text``). Prints one table.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import multiprocessing.synchronize
 import os
+import resource
 import statistics
 import tempfile
 import threading
@@ -106,13 +114,45 @@ def bare_pass(predictor: object, inputs: list[torch.Tensor], prompts: list[str])
     return run
 
 
-def batch_pass(predictor: object, job_for: Callable[[], object], write: bool) -> Callable[[], int]:
+def batch_pass(
+    predictor: object, job_for: Callable[[], object], write: bool, processes: bool | None = None
+) -> Callable[[], int]:
     def run() -> int:
-        summary = run_batch(predictor, job_for(), write=write)
+        summary = run_batch(predictor, job_for(), write=write, write_processes=processes)
         assert not summary.failed, summary.failed
         return len(summary.written)
 
     return run
+
+
+def busy_neighbour(run: Callable[[], int]) -> Callable[[], int]:
+    """``run`` while a forked process compresses data (GIL-free, cache-light work) on another core: how
+    much this machine slows one core down when the other works at all, whatever the pipeline does."""
+
+    def compress_until(stop: multiprocessing.synchronize.Event) -> None:
+        data = os.urandom(1 << 16)
+        while not stop.is_set():
+            zlib.compress(data, 1)
+
+    def with_neighbour() -> int:
+        context = multiprocessing.get_context("fork")
+        stop = context.Event()
+        neighbour = context.Process(target=compress_until, args=(stop,), daemon=True)
+        neighbour.start()
+        try:
+            return run()
+        finally:
+            stop.set()
+            neighbour.join()
+
+    return with_neighbour
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the batch's worker processes, which
+    have ended when ``run_batch`` returns)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 def cores_available(seconds: float = 0.5) -> float:
@@ -164,10 +204,13 @@ def main() -> None:
             out = root / f"out{runs_done[0]}"
             return check_job(task, [root / "images"], prompts, model=args.model, out_dir=out, device="cpu")
 
+        bare = bare_pass(predictor, inputs, prompts)
         runs = {
-            "bare network": bare_pass(predictor, inputs, prompts),
+            "bare network": bare,
             "batch, writing": batch_pass(predictor, job_for, write=True),
             "batch, no writing": batch_pass(predictor, job_for, write=False),
+            "batch, writing, threads": batch_pass(predictor, job_for, write=True, processes=False),
+            "bare network, other core busy": busy_neighbour(bare),
         }
         for run in runs.values():  # warm-up: allocator, caches, thread pools
             run()
@@ -176,10 +219,10 @@ def main() -> None:
         main_thread: dict[str, list[float]] = {name: [] for name in runs}  # ms per image, this thread
         for _ in range(args.rounds):
             for name, run in runs.items():
-                start, start_cpu, start_thread = time.perf_counter(), time.process_time(), time.thread_time()
+                start, start_cpu, start_thread = time.perf_counter(), cpu_seconds(), time.thread_time()
                 count = run()
                 rates[name].append(count / (time.perf_counter() - start))
-                cpu[name].append(1000 * (time.process_time() - start_cpu) / count)
+                cpu[name].append(1000 * (cpu_seconds() - start_cpu) / count)
                 main_thread[name].append(1000 * (time.thread_time() - start_thread) / count)
     load_after, cores_after = os.getloadavg(), cores_available()
     bare = statistics.median(rates["bare network"])

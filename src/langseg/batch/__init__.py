@@ -5,10 +5,13 @@ output files, model name, task, device, dtype) and raises one :class:`~langseg.e
 problem; ``run_batch`` then runs a loaded predictor over the images as a pipeline of three stages, so
 that the network never waits for files:
 
-- decoding and preprocessing (``predictor.prepare``) in a thread pool, a few images ahead;
+- decoding and preprocessing (``predictor.prepare``) by workers, a few images ahead;
 - the network (``predictor.infer``) in the calling thread, one image at a time, with the label or
   expression embeddings computed once for the whole run;
-- mapping the logits to the image (``predictor.finish``) and writing the outputs in a writer thread.
+- mapping the logits to the image (``predictor.finish``) and writing the outputs by workers.
+
+The workers are forked processes on Linux with a CPU predictor (they do not compete with the network
+for the GIL), threads elsewhere: see :mod:`langseg.batch.workers`.
 
 A file that cannot be decoded (or written) is reported and skipped; the run goes on and the summary lists
 it. Outputs go to temporary names and are renamed when complete, so an interrupted run leaves no half
@@ -22,14 +25,12 @@ legend), ``STEM.mask.png`` (VOC-style palette PNG, pixel values = label indices;
 from __future__ import annotations
 
 import glob
-import json
 import os
-import threading
 import time
 import warnings
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -48,6 +49,7 @@ from langseg.batch.outputs import (
     write_file_atomic,
     write_folder_atomic,
 )
+from langseg.batch.workers import Decoded, Workers, Written, write_outputs
 from langseg.errors import BadConfigError, BadImageError, LangsegError, OutputError
 
 __all__ = [
@@ -225,51 +227,6 @@ def load_predictor(job: BatchJob) -> Any:
     return load(job.model, weights=job.weights, device=job.device, **job.options)
 
 
-# ---------------------------------------------------------------------------------------- writing
-
-
-def write_outputs(
-    result: Any, image: Path, paths: dict[str, Path], model: str, overwrite: bool = False
-) -> list[Path]:
-    """Write the outputs of one image's result (``SegmentationResult`` or ``ReferringSet``)."""
-    writers: dict[str, Callable[[Path], None]] = {
-        # Level 1 compresses these masks as well as 9 does, and the overlays within a few percent, at a
-        # fraction of the time (the writer thread's time is what keeps up with the network).
-        "overlay": lambda tmp: result.overlay().save(tmp, format="PNG", compress_level=1),
-        "mask": lambda tmp: result.mask_image().save(tmp, format="PNG", compress_level=1),
-        "json": lambda tmp: tmp.write_text(_json_text(_record(result, image, model))),
-    }
-    written = []
-    for kind, path in paths.items():
-        write_atomic(path, writers[kind], overwrite)
-        written.append(path)
-    return written
-
-
-def _json_text(record: dict[str, Any]) -> str:
-    """``record`` as JSON; a NaN or infinite number (e.g. the score of a model with broken weights) is
-    written as ``null``, never as a bare ``NaN`` token, which is not JSON."""
-    try:
-        return json.dumps(record, indent=1, allow_nan=False)
-    except ValueError:  # rare: only then pay for walking the record
-        from langseg.evaluate import json_safe
-
-        return json.dumps(json_safe(record), indent=1, allow_nan=False)
-
-
-def _record(result: Any, image: Path, model: str) -> dict[str, Any]:
-    task = "referring" if hasattr(result, "texts") else "semantic"
-    return {"image": str(image), "model": model, "task": task, **result.to_dict()}
-
-
-def _rows(result: Any) -> list[tuple[str, float, float | None]]:
-    """(name, share of the image, score) per label that covers pixels / per expression."""
-    if hasattr(result, "texts"):
-        return [(r.text, float(r.mask.mean()), r.score) for r in result.results]
-    scores = result.label_scores()
-    return [(label, share, scores.get(label)) for label, share in result.areas().items()]
-
-
 # ---------------------------------------------------------------------------------------- running
 
 
@@ -281,7 +238,8 @@ def run_batch(
     console: Any = None,
     prefetch: int = 4,
     decode_workers: int = 2,
-    write_workers: int = 2,
+    write_workers: int = 1,
+    write_processes: bool | None = None,
 ) -> BatchSummary:
     """Run ``predictor`` over ``job.images`` and write their outputs (see the module docstring).
 
@@ -291,10 +249,10 @@ def run_batch(
         write: write the outputs (``False``: compute and map results only, e.g. for benchmarks).
         console: a rich console for the progress bar and the skipped files, or ``None`` for silence.
         prefetch: images decoded ahead of the network.
-        decode_workers, write_workers: threads for decoding and for finishing/writing.
+        decode_workers, write_workers: workers for decoding and for finishing/writing.
+        write_processes: run them as forked processes (``None``: where that works, see
+            :class:`~langseg.batch.workers.Workers`, and for more than 4 images), else as threads.
     """
-    from langseg.predict.results import ReferringSet
-
     referring = job.task == "referring"
     # Referring sets need the probabilities to share overlapping pixels; labels' scores go to the JSON.
     keep_scores = referring or (write and any("json" in plan for plan in job.outputs))
@@ -315,67 +273,70 @@ def run_batch(
                 raise OutputError(f"cannot create {folder}: {err.strerror or err}") from err
 
     summary = BatchSummary(total=len(job.images))
-    lock = threading.Lock()
     progress, bar = _progress(console, len(job.images))
 
     def fail(image: Path, reason: str) -> None:
-        with lock:
-            summary.failed.append((image, reason))
+        summary.failed.append((image, reason))
         if progress is not None:
             progress.console.print(f"[red]skipped[/] {image}: {reason}", highlight=False)
-            progress.advance(bar)
 
-    def finish_and_write(pending: Any, image: Path, paths: dict[str, Path]) -> None:
-        try:
-            result = predictor.finish(pending)
-            result = ReferringSet(result) if referring else result
-            files = write_outputs(result, image, paths, job.model, job.overwrite) if write else []
-            rows = _rows(result) if write else []
-        except (LangsegError, OSError) as err:
-            fail(image, getattr(err, "message", None) or f"cannot write: {err.strerror or err}")
-            return
-        with lock:
+    def collect(image: Path, future: Future[Written]) -> None:
+        written = future.result()
+        if written.error is not None:
+            fail(image, written.error)
+        else:
             summary.written.append(image)
-            summary.files += files
-            summary.areas[image] = rows
+            summary.files += written.files
+            summary.areas[image] = written.rows
         if progress is not None:
             progress.advance(bar)
 
     start = time.perf_counter()
-    decoder = ThreadPoolExecutor(decode_workers, thread_name_prefix="langseg-decode")
-    writer = ThreadPoolExecutor(write_workers, thread_name_prefix="langseg-write")
-    ahead: deque[Future] = deque()
-    writing: deque[Future] = deque()
+    # Small runs stay in threads: forking costs more than it saves below a few images.
+    processes = write_processes if write_processes is not None else (None if len(job.images) > 4 else False)
+    workers = Workers(predictor, decode_workers, write_workers, processes)
+    ahead: deque[Future[Decoded]] = deque()
+    writing: deque[tuple[Path, Future[Written]]] = deque()
     queue = iter(zip(job.images, job.outputs, strict=True))
     try:
+        workers.__enter__()  # first: processes fork before any thread of ours starts
         if progress is not None:
             progress.start()
         for item in islice(queue, prefetch):
-            ahead.append(decoder.submit(_decode, predictor, *item))
+            ahead.append(workers.decode(*item))
         while ahead:
-            image, paths, prepared, error = ahead.popleft().result()
+            decoded = ahead.popleft().result()
             for item in islice(queue, 1):
-                ahead.append(decoder.submit(_decode, predictor, *item))
-            if error is not None:
-                fail(image, error)
+                ahead.append(workers.decode(*item))
+            image = decoded.image
+            if decoded.error is not None:
+                fail(image, decoded.error)
+                if progress is not None:
+                    progress.advance(bar)
                 continue
             try:
                 if referring:
-                    pending = predictor.infer(prepared, job.prompts, keep_scores=keep_scores)
+                    pending = predictor.infer(decoded.prepared, job.prompts, keep_scores=keep_scores)
                 else:
-                    pending = predictor.infer(prepared, job.prompts, job.background_threshold, keep_scores)
+                    pending = predictor.infer(
+                        decoded.prepared, job.prompts, job.background_threshold, keep_scores
+                    )
             except LangsegError as err:
                 fail(image, err.message)
+                if progress is not None:
+                    progress.advance(bar)
                 continue
-            while len(writing) >= 2 * write_workers + 1:  # bound the results held in memory
-                writing.popleft().result()
-            writing.append(writer.submit(finish_and_write, pending, image, paths))
-        for future in writing:
-            future.result()
+            # Bound the results held in memory; take in what is done without waiting.
+            while writing and (len(writing) > 2 * write_workers or writing[0][1].done()):
+                collect(*writing.popleft())
+            paths = decoded.paths
+            args = (predictor.finish, referring, pending, image, paths, job.model, job.overwrite, write)
+            writing.append((image, workers.finish_and_write(*args)))
+        while writing:
+            collect(*writing.popleft())
     finally:
         # On an interrupt: drop what is queued, let started writes finish (they are atomic anyway).
-        decoder.shutdown(wait=True, cancel_futures=True)
-        writer.shutdown(wait=True, cancel_futures=True)
+        workers.close()
         if progress is not None:
             progress.stop()
     summary.seconds = time.perf_counter() - start
@@ -383,17 +344,6 @@ def run_batch(
     summary.written.sort(key=order.__getitem__)
     summary.failed.sort(key=lambda item: order[item[0]])
     return summary
-
-
-def _decode(predictor: Any, image: Path, paths: dict[str, Path]) -> tuple[Path, dict, Any, str | None]:
-    """(image, paths, prepared input or None, why it failed or None): decoding never raises, since
-    one bad file must not stop the run."""
-    try:
-        return image, paths, predictor.prepare(image), None
-    except LangsegError as err:
-        return image, paths, None, err.message
-    except Exception as err:  # e.g. PIL's DecompressionBombError: still this file's problem only
-        return image, paths, None, f"cannot read it ({type(err).__name__}: {err})"
 
 
 def _progress(console: Any, total: int) -> tuple[Any, Any]:
