@@ -1,11 +1,12 @@
 """Turn whatever a user passes as an image into an ``H x W x 3`` uint8 RGB array.
 
-Accepted: a path (str or PathLike), a PIL image of any mode, a numpy array (``H x W``, ``H x W x 1/3/4``;
-bool, unsigned or signed integers in 0..65535, or float in [0, 1]) or a torch tensor (``C x H x W`` with C
-in 1/3/4, or ``H x W``; of those types, any layout: sparse and quantized tensors are densified, on any
-device with data). File images are rotated upright by their EXIF orientation. Grayscale is repeated to
-three channels, 16-bit images are scaled to 8 bits, CMYK/YCbCr/LAB/HSV are converted by PIL, and
-transparent images are composited over white (transparent pixels often hold arbitrary colours).
+Accepted: a path (str or PathLike), the bytes of an image file (e.g. an upload), a PIL image of any mode,
+a numpy array (``H x W``, ``H x W x 1/3/4``; bool, unsigned or signed integers in 0..65535, or float in
+[0, 1]) or a torch tensor (``C x H x W`` with C in 1/3/4, or ``H x W``; of those types, any layout: sparse
+and quantized tensors are densified, on any device with data). File images are rotated upright by their
+EXIF orientation. Grayscale is repeated to three channels, 16-bit images are scaled to 8 bits,
+CMYK/YCbCr/LAB/HSV are converted by PIL, and transparent images are composited over white (transparent
+pixels often hold arbitrary colours).
 
 Everything else is a :class:`~langseg.errors.BadImageError` that names the file or the object: a missing,
 unreadable (permissions), too long or non-regular path, a folder, an empty, non-image, truncated or
@@ -17,6 +18,7 @@ nested or meta-device tensors, and shapes that are not an image.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import stat
@@ -27,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from langseg.errors import BadImageError
 
@@ -43,7 +45,8 @@ UNIT_MEAN, UNIT_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)  # no normalisation (VLT'
 
 
 def load_image(source: ImageInput) -> np.ndarray:
-    """``H x W x 3`` uint8 RGB array from a path, PIL image, array or tensor (see module docstring).
+    """``H x W x 3`` uint8 RGB array from a path, image file bytes, PIL image, array or tensor (see module
+    docstring).
 
     Raises:
         BadImageError: the file is missing, unreadable, not an image, truncated or over PIL's
@@ -56,12 +59,9 @@ def load_image(source: ImageInput) -> np.ndarray:
             path = Path(source)
         except TypeError as err:  # a PathLike whose __fspath__ returns bytes
             raise BadImageError(f"cannot read an image from {source!r}: {err}") from err
-        image = _open(path)
-        try:
-            upright = ImageOps.exif_transpose(image) or image
-        except Exception:  # malformed EXIF is metadata: keep the pixels as stored
-            upright = image
-        return _from_pil(upright, str(path))
+        return _from_pil(_upright(_open(path)), str(path))
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _from_pil(_upright(_open_bytes(bytes(source))), "the image data")
     if isinstance(source, Image.Image):
         return _from_pil(source, "the PIL image")
     if isinstance(source, torch.Tensor):
@@ -69,6 +69,14 @@ def load_image(source: ImageInput) -> np.ndarray:
     if isinstance(source, np.ndarray):
         return _from_array(np.asarray(source))  # a plain ndarray: np.matrix and masked arrays misbehave
     raise BadImageError(f"cannot read an image from a {type(source).__name__}")
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` rotated upright by its EXIF orientation."""
+    try:
+        return ImageOps.exif_transpose(image) or image
+    except Exception:  # malformed EXIF is metadata: keep the pixels as stored
+        return image
 
 
 def _short(path: Path) -> str:
@@ -133,18 +141,36 @@ def _open(path: Path) -> Image.Image:
 _BOMB_LOCK = threading.Lock()
 
 
-def _open_header(path: Path) -> Image.Image:
+def _open_header(path: Path | io.BytesIO, what: str | None = None) -> Image.Image:
     """``Image.open(path)`` (the header only), refusing images over PIL's pixel limit."""
+    what = what or _short(path)  # type: ignore[arg-type]
     with _BOMB_LOCK, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(path)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
             found = re.search(r"\((\d+) pixels\)", str(err))  # PIL names the size only in its message
-            raise _bomb_error(
-                _short(path), f"{int(found[1]):,} pixels" if found else "too many pixels"
-            ) from err
-    _check_pixels(image, _short(path))
+            raise _bomb_error(what, f"{int(found[1]):,} pixels" if found else "too many pixels") from err
+    _check_pixels(image, what)
+    return image
+
+
+def _open_bytes(data: bytes) -> Image.Image:
+    """The image file held in ``data`` (e.g. an upload), decoded; failures are :class:`BadImageError`."""
+    what = "the image data"
+    if not data:
+        raise BadImageError(f"{what} is empty (0 bytes)", hint="Send the bytes of an image file.")
+    try:
+        image = _open_header(io.BytesIO(data), what)
+        image.load()
+    except BadImageError:
+        raise
+    except Exception as err:  # decoders fail in many ways on bad bytes; all mean a bad file
+        why = "no image format PIL knows" if isinstance(err, UnidentifiedImageError) else err
+        raise BadImageError(
+            f"{what} is not a readable image ({type(err).__name__}: {why})",
+            hint="Send a PNG, JPEG, WebP, BMP, GIF or TIFF file, whole (not truncated).",
+        ) from err
     return image
 
 
