@@ -114,6 +114,29 @@ def test_truncated_file_is_a_clear_error(tmp_path: Path) -> None:
         load_image(path)
 
 
+def test_image_file_bytes_load_like_the_file(tmp_path: Path) -> None:
+    image = Image.fromarray(RGB)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotated: bytes are turned upright as files are
+    path = tmp_path / "rot.jpg"
+    image.save(path, exif=exif, quality=100)
+    data = path.read_bytes()
+    for source in (data, bytearray(data), memoryview(data)):
+        assert np.array_equal(load_image(source), load_image(path))
+    for bad, message in ((b"", "empty"), (b"not an image", "no image format"), (data[:300], "readable")):
+        with pytest.raises(BadImageError, match=message) as info:
+            load_image(bad)
+        assert info.value.hint
+
+
+def test_image_bytes_over_the_pixel_limit_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buffer, "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1200 pixels: over twice the limit
+    with pytest.raises(BadImageError, match="too large to decode safely"):
+        load_image(buffer.getvalue())
+
+
 # ---------------------------------------------------------------- test-time plans
 
 
