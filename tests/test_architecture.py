@@ -39,7 +39,7 @@ LAYERS: dict[str, int] = {
     "__init__": 7,  # the package root: lazy re-exports of api and predict
     "cli": 8,
     "__main__": 9,
-    "serve": 8,
+    "serve": 7,  # the demo and the HTTP API: over api, predict and batch; the CLI starts them
     "export": 8,
 }
 # What models/ may import besides the standard library and itself.

@@ -84,6 +84,18 @@ class OutputError(LangsegError, OSError):
     default_hint = "Choose an output folder you can write to (or fix its permissions)."
 
 
+class ServiceBusyError(LangsegError, RuntimeError):
+    """A server's inference queue is full, or a request did not finish within its time limit."""
+
+    default_hint = "Retry in a few seconds, or start the server with more workers or a larger queue."
+
+
+class RequestTooLargeError(LangsegError, ValueError):
+    """A request to a server is over one of its limits (body size, image pixels)."""
+
+    default_hint = "Send a smaller image (resize it), or start the server with a higher limit."
+
+
 __all__ = [
     "BadConfigError",
     "BadDataError",
@@ -94,5 +106,7 @@ __all__ = [
     "LangsegError",
     "MissingWeightsError",
     "OutputError",
+    "RequestTooLargeError",
+    "ServiceBusyError",
     "UnknownModelError",
 ]

@@ -1,0 +1,298 @@
+"""What the web demo and the HTTP API share: the models they may serve (each loaded once), the limits on
+a request, checking and decoding what a request sends, running inference off the caller's thread with a
+bounded queue, and the JSON a result becomes.
+
+Nothing here imports a web framework: :mod:`langseg.serve.api` (FastAPI) and :mod:`langseg.serve.demo`
+(Gradio) wire it to theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from langseg.errors import (
+    BadExpressionError,
+    BadLabelsError,
+    RequestTooLargeError,
+    ServiceBusyError,
+    UnknownModelError,
+)
+
+T = TypeVar("T")
+TASKS = ("semantic", "referring")
+DEFAULT_MODELS = {"semantic": "lseg-shapes", "referring": "vlt-shapes"}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; over a limit is a clear 4xx error, never a crash.
+
+    Attributes:
+        max_body_bytes: the whole request body (an upload, or base64 JSON: a third larger).
+        max_pixels: image width x height, read from the header before decoding (decompression bombs).
+        max_labels, max_label_chars: labels per ``/segment`` request, and characters per label.
+        max_expressions, max_expression_chars: expressions per ``/refer`` request, and their length.
+        timeout_s: how long a request may wait and run before it is answered 503.
+        queue_size: requests waiting or running at once; one more is answered 503 at once.
+    """
+
+    max_body_bytes: int = 16 * 2**20
+    max_pixels: int = 16_000_000
+    max_labels: int = 64
+    max_label_chars: int = 200
+    max_expressions: int = 16
+    max_expression_chars: int = 500
+    timeout_s: float = 60.0
+    queue_size: int = 8
+
+
+@dataclass
+class Models:
+    """The models a server offers, each loaded on first use and then kept (thread-safe).
+
+    Args:
+        names: the model names (or checkpoint folders) offered; ``None``: every registered model whose
+            weights are on this machine (:func:`usable_models`).
+        device: where they run (see :func:`langseg.api.load`).
+        defaults: task -> the model a request without ``model`` gets.
+    """
+
+    names: Sequence[str] | None = None
+    device: str = "auto"
+    defaults: dict[str, str] = field(default_factory=dict)
+    _loaded: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _tasks: dict[str, str] = field(default_factory=dict, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        from langseg.api import model_entry
+
+        names = list(self.names) if self.names is not None else usable_models()
+        self._tasks = {name: model_entry(name).task for name in names}  # unknown names fail here
+        for task in TASKS:
+            offered = [n for n in names if self._tasks[n] == task]
+            if task not in self.defaults and offered:
+                preferred = DEFAULT_MODELS[task]
+                self.defaults[task] = preferred if preferred in offered else offered[0]
+        self.names = names
+
+    def offered(self, task: str | None = None) -> list[str]:
+        """The model names offered, optionally for one task."""
+        return [n for n, t in self._tasks.items() if task is None or t == task]
+
+    def task_of(self, name: str) -> str:
+        return self._tasks[name]
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self._loaded
+
+    def resolve(self, name: str | None, task: str) -> str:
+        """The model to use for ``task``: ``name``, or the task's default; raises
+        :class:`UnknownModelError` for a model not offered or of the other task."""
+        if name is None or name == "":
+            if task not in self.defaults:
+                raise UnknownModelError(f"this server offers no {task} model", hint=self._hint(task))
+            return self.defaults[task]
+        if name not in self._tasks:
+            raise UnknownModelError(
+                f"this server does not offer the model {name!r:.100}", hint=self._hint(task)
+            )
+        if self._tasks[name] != task:
+            raise UnknownModelError(
+                f"{name} is a {self._tasks[name]} model, not a {task} one", hint=self._hint(task)
+            )
+        return name
+
+    def _hint(self, task: str) -> str:
+        offered = self.offered(task)
+        return f"Use one of: {', '.join(offered)}." if offered else "Start the server with a model for it."
+
+    def get(self, name: str) -> Any:
+        """The predictor of an offered model, loaded on first use."""
+        with self._lock:
+            if name not in self._loaded:
+                from langseg.api import load
+
+                self._loaded[name] = load(name, device=self.device)
+            return self._loaded[name]
+
+
+def usable_models(task: str | None = None) -> list[str]:
+    """Registered models whose weights are on this machine now (no download needed)."""
+    from langseg.api import list_models
+
+    return list_models(task=task, pretrained=True)
+
+
+# ------------------------------------------------------------------------------------ requests
+
+
+def decode_image(data: bytes, limits: Limits) -> np.ndarray:
+    """``H x W x 3`` uint8 from the bytes of an image file, refusing (before decoding) more pixels than
+    ``limits.max_pixels``; raises :class:`~langseg.errors.BadImageError` or
+    :class:`~langseg.errors.RequestTooLargeError`."""
+    from PIL import Image
+
+    from langseg.predict.images import load_image
+
+    try:
+        with Image.open(io.BytesIO(data)) as header:  # the header only: sizes before any decoding
+            width, height = header.size
+    except Exception:  # not an image, or over PIL's own limit: load_image says which, clearly
+        width = height = 0
+    if width * height > limits.max_pixels:
+        raise RequestTooLargeError(
+            f"the image has {width} x {height} = {width * height:,} pixels, over this server's limit of "
+            f"{limits.max_pixels:,}",
+            hint="Resize the image, or start the server with a higher --max-pixels.",
+        )
+    return load_image(data)
+
+
+def decode_base64(text: str) -> bytes:
+    """The bytes of a base64 string (standard alphabet, padding optional, a ``data:`` URL prefix allowed);
+    raises :class:`~langseg.errors.BadImageError`."""
+    from langseg.errors import BadImageError
+
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (ValueError, TypeError) as err:
+        raise BadImageError(
+            f"the image is not valid base64 ({err})", hint="Send the image file's bytes as standard base64."
+        ) from err
+
+
+def split_labels(labels: str | Sequence[str]) -> list[str]:
+    """Labels from a comma-separated string or a list (each item stripped)."""
+    items = labels.split(",") if isinstance(labels, str) else list(labels)
+    return [str(item).strip() for item in items]
+
+
+def check_labels(labels: list[str], limits: Limits) -> list[str]:
+    """``labels`` within the limits (the predictor makes the other checks); raises BadLabelsError."""
+    if len(labels) > limits.max_labels:
+        raise BadLabelsError(
+            f"{len(labels)} labels, over this server's limit of {limits.max_labels}",
+            hint="Send fewer labels per request.",
+        )
+    for label in labels:
+        if len(label) > limits.max_label_chars:
+            raise BadLabelsError(
+                f"a label of {len(label)} characters, over this server's limit of {limits.max_label_chars}",
+                hint="Use short labels: a few words each.",
+            )
+    return labels
+
+
+def check_expressions(texts: list[str], limits: Limits) -> list[str]:
+    """``texts`` within the limits (the predictor makes the other checks); raises BadExpressionError."""
+    if not texts:
+        raise BadExpressionError("no expression given", hint='Send "expression": "the red square".')
+    if len(texts) > limits.max_expressions:
+        raise BadExpressionError(
+            f"{len(texts)} expressions, over this server's limit of {limits.max_expressions}",
+            hint="Send fewer expressions per request.",
+        )
+    for text in texts:
+        if len(text) > limits.max_expression_chars:
+            raise BadExpressionError(
+                f"an expression of {len(text)} characters, over this server's limit of "
+                f"{limits.max_expression_chars}",
+                hint="Describe the object in one short sentence.",
+            )
+    return texts
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+class InferenceQueue:
+    """Runs blocking calls (inference) on one worker thread, off the event loop, in arrival order.
+
+    A predictor keeps per-image state, so one thread serves them all; at most ``limits.queue_size``
+    calls wait or run at once, and one more raises :class:`ServiceBusyError` at once (a 503), as does a
+    call not finished within ``limits.timeout_s`` (it still completes in the background and frees its
+    place then).
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="langseg-infer")
+        self._places = threading.BoundedSemaphore(limits.queue_size)
+
+    @property
+    def pending(self) -> int:
+        """Calls waiting or running now."""
+        return self.limits.queue_size - self._places._value  # type: ignore[attr-defined]
+
+    def submit(self, call: Callable[..., T], *args: Any) -> Any:
+        """``call(*args)`` on the worker thread: a concurrent future; raises ServiceBusyError when full."""
+        if not self._places.acquire(blocking=False):
+            raise ServiceBusyError(
+                f"the server is busy ({self.limits.queue_size} requests waiting or running)",
+                hint="Retry in a few seconds.",
+            )
+        try:
+            future = self._pool.submit(call, *args)
+        except BaseException:
+            self._places.release()
+            raise
+        future.add_done_callback(lambda _: self._places.release())
+        return future
+
+    async def run(self, call: Callable[..., T], *args: Any) -> T:
+        """Await ``call(*args)`` from an event loop; raises ServiceBusyError when full or too slow."""
+        future = asyncio.wrap_future(self.submit(call, *args))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.limits.timeout_s)
+        except TimeoutError:
+            raise ServiceBusyError(
+                f"the request did not finish within {self.limits.timeout_s:g} s",
+                hint="Retry later or with a smaller image; the server may be overloaded.",
+            ) from None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------ answers
+
+
+def png_base64(image: Any) -> str:
+    """A PIL image as base64 PNG text."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def segment_answer(result: Any, model: str, png: bool = False) -> dict[str, Any]:
+    """The JSON of a :class:`~langseg.predict.SegmentationResult`: ``model``, ``labels``, ``size``,
+    ``segments`` (index, label, area, score, COCO RLE ``mask``), and with ``png`` the palette mask
+    (``mask_png``) and the overlay (``overlay_png``) as base64 PNG."""
+    answer = {"model": model, "task": "semantic", **result.to_dict()}
+    if png:
+        answer["mask_png"] = png_base64(result.mask_image())
+        answer["overlay_png"] = png_base64(result.overlay())
+    return answer
+
+
+def refer_answer(results: Any, model: str, png: bool = False) -> dict[str, Any]:
+    """The JSON of a :class:`~langseg.predict.ReferringSet`: ``model``, ``texts``, ``size``,
+    ``expressions`` (index, text, score, area, COCO RLE ``mask``), and with ``png`` the palette mask
+    (0 = nothing, k = expression k) and the overlay as base64 PNG."""
+    answer = {"model": model, "task": "referring", **results.to_dict()}
+    if png:
+        answer["mask_png"] = png_base64(results.mask_image())
+        answer["overlay_png"] = png_base64(results.overlay())
+    return answer
