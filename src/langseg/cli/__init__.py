@@ -490,5 +490,8 @@ def export(
     console.print(f"exported to {out_dir}; load it with langseg.load({str(out_dir)!r})")
 
 
+# The web commands live in their own module; importing it registers them on ``app``.
+from langseg.cli import web as _web  # noqa: E402, F401
+
 if __name__ == "__main__":
     main()
