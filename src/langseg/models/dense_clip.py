@@ -38,6 +38,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from langseg.errors import BadConfigError, BadImageError
+from langseg.models.text import can_trim_text, encode_text_trimmed
 
 
 @dataclass(frozen=True)
@@ -118,26 +119,14 @@ def encode_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     """``K x L`` token ids -> ``K x D`` text embeddings, equal to ``model.encode_text(tokens)``.
 
     For a plain open_clip ``CLIP`` (causal mask, pooled at the end-of-text token) only the positions up to
-    the last end-of-text token are run: under a causal mask later (padding) positions cannot reach the
-    pooled one, so the result is the same while short prompts cost far less (80 templates: 12 positions
-    instead of 77, 7x faster on a CPU).
+    the last end-of-text token are run (:func:`langseg.models.text.encode_text_trimmed`): under a causal
+    mask later (padding) positions cannot reach the pooled one, so the result is the same while short
+    prompts cost far less (80 templates: 12 positions instead of 77, 7x faster on a CPU). Other models
+    (no causal mask, other pooling) fall back to their own ``encode_text``.
     """
-    exact_cut = (
-        hasattr(model, "token_embedding")
-        and getattr(model, "attn_mask", None) is not None
-        and getattr(model, "text_pool_type", None) == "argmax"
-    )
-    if not exact_cut:
+    if not can_trim_text(model):
         return model.encode_text(tokens)
-    eot = tokens.argmax(dim=-1)  # the end-of-text id is the largest in CLIP's vocabulary
-    length = int(eot.max()) + 1
-    tokens = tokens[:, :length]
-    cast = model.transformer.get_cast_dtype()
-    x = model.token_embedding(tokens).to(cast) + model.positional_embedding[:length].to(cast)
-    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
-    x = x[torch.arange(x.shape[0], device=x.device), eot]
-    projection = model.text_projection
-    return projection(x) if isinstance(projection, nn.Linear) else x @ projection
+    return encode_text_trimmed(model, tokens)[0]
 
 
 class DenseCLIP(nn.Module):

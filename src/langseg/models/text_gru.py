@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from langseg.errors import BadConfigError, BadExpressionError
+from langseg.models.text import ClipTextEncoder, can_trim_text, encode_text_trimmed, project_text
 
 TextOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -135,8 +136,6 @@ class ClipWordEncoder(nn.Module):
         trainable: bool = False,
     ) -> None:
         super().__init__()
-        from langseg.models.text import ClipTextEncoder
-
         clip = ClipTextEncoder(
             model_name, pretrained, quick_gelu=quick_gelu, embed_dim=embed_dim, text_cfg=text_cfg
         )
@@ -153,17 +152,22 @@ class ClipWordEncoder(nn.Module):
             raise BadExpressionError(
                 f"{token_ids.shape[1]} tokens exceed the text context of {self.text.context_length}"
             )
+        token_ids, token_mask = token_ids.long(), token_mask.bool()
         length = token_ids.shape[1]
-        # open_clip's causal mask is built for the full context: pad back to it, then drop the padding.
-        padded = F.pad(token_ids.long(), (0, self.text.context_length - length))
-        sentence, tokens = self.text(padded)
-        tokens = tokens[:, :length]
-        projection = self.text.text_projection
-        if isinstance(projection, nn.Linear):
-            tokens = projection(tokens)
-        elif projection is not None:
-            tokens = tokens @ projection
-        token_mask = token_mask.bool()
+        if can_trim_text(self.text):
+            # Run only up to the longest prompt (its last real token or EOT, whichever is later): under
+            # the causal mask the used positions never see the later ones. Padding columns come back zero.
+            used = token_mask.any(0).nonzero()
+            longest = int(used.max()) + 1 if used.numel() else 1
+            sentence, tokens = encode_text_trimmed(self.text, token_ids, length=longest)
+            tokens = project_text(self.text.text_projection, tokens)
+            tokens = F.pad(tokens, (0, 0, 0, length - tokens.shape[1]))
+        else:
+            # Not trimmable (see can_trim_text): open_clip's full forward, whose masks are built for the
+            # full context, so pad back to it and drop the padding after.
+            padded = F.pad(token_ids, (0, self.text.context_length - length))
+            sentence, tokens = self.text(padded)
+            tokens = project_text(self.text.text_projection, tokens[:, :length])
         return tokens * token_mask[..., None], token_mask, sentence
 
 
