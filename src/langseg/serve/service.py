@@ -13,7 +13,7 @@ import base64
 import io
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -224,11 +224,16 @@ class InferenceQueue:
     calls wait or run at once, and one more raises :class:`ServiceBusyError` at once (a 503), as does a
     call not finished within ``limits.timeout_s`` (it still completes in the background and frees its
     place then).
+
+    A call may name a second stage, ``then(result)``, run on a second thread (in arrival order too): the
+    work after the network that reads no predictor state (a predictor's ``finish``, building the answer),
+    so that the worker starts the next request's network meanwhile. The place is held until both are done.
     """
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="langseg-infer")
+        self._after = ThreadPoolExecutor(1, thread_name_prefix="langseg-finish")
         self._places = threading.BoundedSemaphore(limits.queue_size)
 
     @property
@@ -236,24 +241,43 @@ class InferenceQueue:
         """Calls waiting or running now."""
         return self.limits.queue_size - self._places._value  # type: ignore[attr-defined]
 
-    def submit(self, call: Callable[..., T], *args: Any) -> Any:
-        """``call(*args)`` on the worker thread: a concurrent future; raises ServiceBusyError when full."""
+    def submit(
+        self, call: Callable[..., Any], *args: Any, then: Callable[[Any], Any] | None = None
+    ) -> Future:
+        """``call(*args)`` on the worker thread (and ``then`` of its result on the second one): a
+        concurrent future; raises ServiceBusyError when full."""
         if not self._places.acquire(blocking=False):
             raise ServiceBusyError(
                 f"the server is busy ({self.limits.queue_size} requests waiting or running)",
                 hint="Retry in a few seconds.",
             )
         try:
-            future = self._pool.submit(call, *args)
+            first = self._pool.submit(call, *args)
         except BaseException:
             self._places.release()
             raise
-        future.add_done_callback(lambda _: self._places.release())
-        return future
+        if then is None:
+            first.add_done_callback(lambda _: self._places.release())
+            return first
+        done: Future = Future()
 
-    async def run(self, call: Callable[..., T], *args: Any) -> T:
-        """Await ``call(*args)`` from an event loop; raises ServiceBusyError when full or too slow."""
-        future = asyncio.wrap_future(self.submit(call, *args))
+        def finish(second: Future) -> None:
+            self._places.release()  # before the caller hears of it: the place is free when it does
+            _settle(done, second)
+
+        def chain(future: Future) -> None:
+            try:
+                self._after.submit(then, future.result()).add_done_callback(finish)
+            except BaseException:  # the call failed, was cancelled, or the queue closed: that is the answer
+                finish(future)
+
+        first.add_done_callback(chain)
+        return done
+
+    async def run(self, call: Callable[..., T], *args: Any, then: Callable[[T], Any] | None = None) -> Any:
+        """Await ``call(*args)`` (then ``then`` of it) from an event loop; raises ServiceBusyError when
+        full or too slow."""
+        future = asyncio.wrap_future(self.submit(call, *args, then=then))
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.limits.timeout_s)
         except TimeoutError:
@@ -264,6 +288,19 @@ class InferenceQueue:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._after.shutdown(wait=True, cancel_futures=True)
+
+
+def _settle(target: Future, source: Future) -> None:
+    """Give ``target`` the outcome of the finished ``source``."""
+    if target.done():  # cancelled by its awaiter meanwhile
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())
+    else:
+        target.set_result(source.result())
 
 
 # ------------------------------------------------------------------------------------ answers
