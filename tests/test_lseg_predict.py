@@ -88,7 +88,9 @@ def test_caches_skip_text_and_image_work(tiny) -> None:
     seg = langseg.load(tiny[1], plan=InferencePlan(crop=48, stride=32))
     parts = seg.model
     calls = {"text": 0, "image": 0}
-    parts.text_encoder.text.register_forward_hook(lambda *_: calls.__setitem__("text", calls["text"] + 1))
+    # Every text forward (trimmed or not) starts by embedding the tokens.
+    text = parts.text_encoder.text.token_embedding
+    text.register_forward_hook(lambda *_: calls.__setitem__("text", calls["text"] + 1))
     parts.net.encoder.register_forward_hook(lambda *_: calls.__setitem__("image", calls["image"] + 1))
     seg.set_image(scene())
     first = seg.segment(labels=LABELS)
