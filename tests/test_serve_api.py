@@ -904,7 +904,10 @@ def send_fields(client: httpx.Client, path: str, fields: dict[str, Any], encodin
     rest as text: UTF-8, or the raw bytes of its repr for strings that are not)."""
     if encoding == "json":
         body = {k: base64.b64encode(v).decode() if isinstance(v, bytes) else v for k, v in fields.items()}
-        return client.post(path, json=body)
+        # json.dumps, not httpx's json=: a generated inf or NaN goes out as the non-standard literal
+        # (Infinity, NaN) that some clients send, which the server must refuse with a 4xx.
+        text = json.dumps(body, allow_nan=True, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        return client.post(path, content=text, headers={"Content-Type": "application/json"})
     parts: list[tuple[str, Any]] = []
     for key, value in fields.items():
         for item in value if isinstance(value, list) else [value]:
