@@ -4,6 +4,7 @@ dies or fails is an error in the parent, never a hang."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,23 @@ def test_a_bug_while_writing_is_raised_with_its_traceback(tmp_path: Path) -> Non
     referrer.infer = broken
     with pytest.raises(RuntimeError, match="TypeError"):
         run_batch(referrer, job, write_processes=True)
+
+
+def test_stopping_serves_queued_writes_and_skips_queued_decoding(tmp_path: Path) -> None:
+    """An interrupted batch ends its worker: the writes sent still happen, the decoding queued does not."""
+    from langseg.batch.workers import _ForkedWorker
+
+    def serve(payload: bytes) -> bytes:
+        if payload == b"d-first":
+            time.sleep(0.5)  # everything below is queued behind it when stop() begins
+        (tmp_path / payload.decode()).touch()
+        return payload
+
+    worker = _ForkedWorker(serve, droppable=b"d")
+    first = worker.submit(b"d-first")
+    for name in (b"w-1", b"d-2", b"w-3", b"d-4"):
+        worker.submit(name)
+    time.sleep(0.1)
+    worker.stop()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d-first", "w-1", "w-3"]
+    assert not worker._process.is_alive() and first.index == 0

@@ -8,6 +8,12 @@ image), a thread running Python 1 ms in every 7 slowed the network by 20 %; GIL-
 Worker processes each have their own GIL. They are forked (Linux only), so they start in milliseconds and
 inherit the loaded predictor, as a DataLoader's workers do; elsewhere threads do the same work.
 
+Why one process for both jobs, not one each: with two, both were often runnable at once on a 2-core
+machine, and the kernel woke one of them on the network's core, in place of the network (the parent's
+200-byte write of a request took 2-3 ms of wall time for 0.03 ms of CPU). One process whose work per
+image (5-7 ms for `vlt-shapes`) is well under the network's keeps to the spare core: measured in one
+run, 0.83x of the bare network's images/s against 0.74x with two processes.
+
 What crosses between processes is one pickle per image each way: the image's prepared input, then its
 pending logits (:func:`finish_and_write`'s arguments, with ``finish`` by reference), tensors as numpy
 arrays; what comes back last is a small :class:`Written`.
@@ -147,14 +153,14 @@ def can_fork() -> bool:
 
 class Workers:
     """What runs beside the network: decoding images (:func:`decode`) and finishing and writing results
-    (:func:`finish_and_write`), in two forked processes or in thread pools; a context manager.
+    (:func:`finish_and_write`), in one forked process or in thread pools; a context manager.
 
-    Processes are used where ``processes`` allows it (``None``: wherever :func:`can_fork`) and the
+    A process is used where ``processes`` allows it (``None``: wherever :func:`can_fork`) and the
     predictor runs on the CPU: a forked child cannot use the parent's CUDA or MPS context, and it would
-    have to for the prepared input. Then one process decodes and one writes, each serving its requests
-    in order over pipes, so that this process runs no helper thread at all (a thread pool's bookkeeping
-    threads would take the GIL from the network at every hand-over). With threads, ``decode_workers``
-    and ``write_workers`` threads.
+    have to for the prepared input. It serves both kinds of request in the order sent, over pipes, so
+    that this process runs no helper thread at all (a thread pool's bookkeeping threads would take the
+    GIL from the network at every hand-over). With threads, ``decode_workers`` and ``write_workers``
+    threads.
 
     Results must be asked for (``result()``) in the order they were submitted, per kind.
     """
@@ -168,12 +174,17 @@ class Workers:
         self.decode_workers, self.write_workers = decode_workers, write_workers
         self._decoder: Any = None
         self._writer: Any = None
+        self._worker: _ForkedWorker | None = None
 
     def __enter__(self) -> Workers:
         if self.processes:
             predictor = self.predictor
-            self._decoder = _ForkedWorker(lambda payload: _decode_packed(predictor, payload))
-            self._writer = _ForkedWorker(_finish_and_write_packed)
+
+            def serve(payload: bytes) -> bytes:
+                kind, body = payload[:1], payload[1:]
+                return _decode_packed(predictor, body) if kind == _DECODE else _finish_and_write_packed(body)
+
+            self._worker = _ForkedWorker(serve, droppable=_DECODE)
         else:
             self._decoder = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="langseg-decode")
             self._writer = ThreadPoolExecutor(self.write_workers, thread_name_prefix="langseg-write")
@@ -188,27 +199,29 @@ class Workers:
         if isinstance(self._decoder, ThreadPoolExecutor):
             self._decoder.shutdown(wait=True, cancel_futures=True)
             self._writer.shutdown(wait=True)
-        elif self._decoder is not None:
-            self._decoder.stop(finish_queued=False)
-            self._writer.stop(finish_queued=True)
-        self._decoder = self._writer = None
+        elif self._worker is not None:
+            self._worker.stop()
+        self._decoder = self._writer = self._worker = None
 
     def decode(self, image: Path, paths: dict[str, Path]) -> Future[Decoded]:
         """:func:`decode` of ``image`` with the predictor."""
-        assert self._decoder is not None, "use Workers as a context manager"
-        if not self.processes:
+        if self._worker is None:
+            assert self._decoder is not None, "use Workers as a context manager"
             return self._decoder.submit(decode, self.predictor, image, paths)
-        handle = self._decoder.submit(pickle.dumps((image, paths), pickle.HIGHEST_PROTOCOL))
+        handle = self._worker.submit(_DECODE + pickle.dumps((image, paths), pickle.HIGHEST_PROTOCOL))
         return _Unpacked(handle, _unpack_decoded)  # type: ignore[return-value]
 
     def finish_and_write(self, *args: Any) -> Future[Written]:
         """:func:`finish_and_write` with ``args`` (its arguments in order)."""
-        assert self._writer is not None, "use Workers as a context manager"
-        if not self.processes:
+        if self._worker is None:
+            assert self._writer is not None, "use Workers as a context manager"
             return self._writer.submit(finish_and_write, *args)
         finish, referring, pending, *rest = args
         payload = pickle.dumps((finish, referring, _as_arrays(pending), *rest), pickle.HIGHEST_PROTOCOL)
-        return _Unpacked(self._writer.submit(payload), pickle.loads)  # type: ignore[return-value]
+        return _Unpacked(self._worker.submit(_WRITE + payload), pickle.loads)  # type: ignore[return-value]
+
+
+_DECODE, _WRITE = b"d", b"w"  # the first byte of a request to the worker process: which job it is
 
 
 # ------------------------------------------------------------------------------- forked workers
@@ -217,16 +230,21 @@ class Workers:
 
 
 class _ForkedWorker:
-    """A forked process applying ``serve`` (bytes -> bytes) to each request in order, over two pipes."""
+    """A forked process applying ``serve`` (bytes -> bytes) to each request in order, over two pipes.
 
-    def __init__(self, serve: Callable[[bytes], bytes]) -> None:
+    Requests starting with the byte ``droppable`` are skipped once :meth:`stop` is under way."""
+
+    def __init__(self, serve: Callable[[bytes], bytes], droppable: bytes = b"") -> None:
         context = multiprocessing.get_context("fork")
+        self._stopping = context.Event()
         requests, self._requests = context.Pipe(duplex=False)
         self._results, results = context.Pipe(duplex=False)
         for connection in (requests, results):
             _widen(connection.fileno())
         # The child inherits ``serve`` and what it closes over (the predictor): nothing is pickled.
-        self._process = context.Process(target=_serve, args=(serve, requests, results), daemon=True)
+        self._process = context.Process(
+            target=_serve, args=(serve, requests, results, self._stopping, droppable), daemon=True
+        )
         self._process.start()
         requests.close()  # the child's ends: closing ours lets each side see the other one go
         results.close()
@@ -250,15 +268,17 @@ class _ForkedWorker:
         self._received[self._done] = value
         self._done += 1
 
-    def stop(self, finish_queued: bool) -> None:
-        """End the process: after the requests sent (``finish_queued``), or now."""
-        if finish_queued:
-            with contextlib.suppress(OSError):
-                self._requests.send_bytes(b"")
-            self._process.join()
-        else:
-            self._process.kill()
-            self._process.join()
+    def stop(self) -> None:
+        """End the process once it has served the requests sent, the droppable ones skipped."""
+        self._stopping.set()
+        with contextlib.suppress(OSError):
+            self._requests.send_bytes(b"")
+        # Read (and drop) its answers meanwhile: unread, they could fill the pipe and block it for good.
+        with contextlib.suppress(OSError, EOFError):
+            while self._process.is_alive():
+                if self._results.poll(0.05):
+                    self._results.recv_bytes()
+        self._process.join()
         self._requests.close()
         self._results.close()
 
@@ -303,7 +323,9 @@ def _widen(fd: int, size: int = 1 << 20) -> None:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)  # type: ignore[attr-defined]
 
 
-def _serve(serve: Callable[[bytes], bytes], requests: Any, results: Any) -> None:
+def _serve(
+    serve: Callable[[bytes], bytes], requests: Any, results: Any, stopping: Any, droppable: bytes
+) -> None:
     # An interrupt (Ctrl-C reaches the whole process group) is the parent's to handle: it lets the
     # writes queued finish and drops the rest. One torch thread: the parent's network has the others.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -315,6 +337,9 @@ def _serve(serve: Callable[[bytes], bytes], requests: Any, results: Any) -> None
             return
         if not payload:
             return
+        if droppable and payload[:1] == droppable and stopping.is_set():
+            results.send_bytes(pickle.dumps((True, b""), pickle.HIGHEST_PROTOCOL))
+            continue
         try:
             answer = (True, serve(payload))
         except Exception:  # a bug: reported to the parent, which raises it
