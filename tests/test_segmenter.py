@@ -169,3 +169,47 @@ def test_bad_image_is_a_clear_error() -> None:
         make_segmenter().segment(np.zeros((4, 4, 2), np.uint8), ["red", "blue"])
     with pytest.raises(ImageNotSetError, match="no image"):
         make_segmenter().segment(labels=["red", "blue"])
+
+
+def test_infer_many_batches_same_sized_images_and_matches_infer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped lseg-shapes network: images of one size share a forward (batch sizes recorded at the
+    network), and every image's logits equal its own infer()'s; the image set before stays set."""
+    import langseg
+    from langseg.data import ShapeWorldConfig, render_scene
+
+    segmenter = langseg.load("lseg-shapes")
+    labels = ["red circle", "blue square", "green triangle", "yellow star", "background"]
+    sizes = [96, 96, 64, 96, 64, 80]  # two sizes batched (3 and 2 images), one alone
+    images = [
+        render_scene(
+            seed=77, index=i, config=ShapeWorldConfig(size=s, background=("plain", "noise")[i % 2])
+        ).image
+        for i, s in enumerate(sizes)
+    ]
+    prepared = [segmenter.prepare(image) for image in images]
+    alone = [segmenter.infer(p, labels, None, True) for p in prepared]
+    segmenter.set_image(images[0])
+    batches: list[int] = []
+    encode = segmenter.model.encode_image
+    monkeypatch.setattr(segmenter.model, "encode_image", lambda x: batches.append(x.shape[0]) or encode(x))
+    together = segmenter.infer_many(prepared, labels, None, True, max_batch=2)
+    # flip doubles the calls of each batch; max_batch=2 splits the three 96 px images into 2 + 1
+    assert sorted(batches) == sorted([2, 2, 1, 1, 2, 2, 1, 1])
+    for one, many, image in zip(alone, together, images, strict=True):
+        assert many.image is image and many.labels == one.labels and many.keep_scores
+        torch.testing.assert_close(many.logits, one.logits, atol=1e-4, rtol=1e-4)
+        np.testing.assert_array_equal(Segmenter.finish(many).mask, Segmenter.finish(one).mask)
+    assert segmenter.image is images[0]
+
+
+def test_infer_many_runs_image_by_image_under_a_sliding_window() -> None:
+    segmenter = make_segmenter(plan=InferencePlan(crop=16))
+    images = [halves(40, 64), halves(40, 64)[:, ::-1].copy()]
+    prepared = [segmenter.prepare(image) for image in images]
+    together = segmenter.infer_many(prepared, ["red", "blue"])
+    assert segmenter.image_encodings > 2 and not segmenter.is_image_set  # windows, one image at a time
+    for image, pending in zip(images, together, strict=True):
+        expected = segmenter.segment(image, ["red", "blue"]).mask
+        np.testing.assert_array_equal(Segmenter.finish(pending).mask, expected)
+    assert (Segmenter.finish(together[0]).mask[:, :20] == 0).all()
+    assert (Segmenter.finish(together[1]).mask[:, :20] == 1).all()

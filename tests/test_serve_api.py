@@ -738,6 +738,85 @@ def test_inference_queue_second_stage() -> None:
         queue.close()
 
 
+def test_inference_queue_batches_what_waits_together() -> None:
+    """Requests of one key that wait while the worker is busy share one call (up to max_batch), in order;
+    other keys get their own calls; a failing call fails each of its requests and frees their places."""
+    queue = InferenceQueue(Limits(queue_size=16), max_batch=3)
+    calls: list[tuple[str, list[int]]] = []
+
+    def times(factor: int) -> Any:
+        def call_many(items: list[int]) -> list[int]:
+            calls.append((f"x{factor}", list(items)))
+            return [item * factor for item in items]
+
+        return call_many
+
+    try:
+        gate = threading.Event()
+        blocker = queue.submit(gate.wait, 5)  # the worker is busy: what follows waits
+        tens = [queue.submit_batched("ten", times(10), i, then=lambda r: r + 1) for i in range(5)]
+        twos = [queue.submit_batched("two", times(2), i) for i in range(2)]
+        gate.set()
+        assert blocker.result(5) is True
+        assert [f.result(5) for f in tens] == [1, 11, 21, 31, 41]
+        assert [f.result(5) for f in twos] == [0, 2]
+        assert calls == [("x10", [0, 1, 2]), ("x2", [0, 1]), ("x10", [3, 4])]
+        assert queue.submit_batched("ten", times(10), 7).result(5) == 70  # alone: no waiting for company
+        wait = time.monotonic() + 5
+        while queue.pending and time.monotonic() < wait:
+            time.sleep(0.01)
+        assert queue.pending == 0
+
+        def broken(items: list[int]) -> list[int]:
+            raise ValueError("bad labels")
+
+        gate.clear()
+        blocker = queue.submit(gate.wait, 5)
+        failing = [queue.submit_batched("bad", broken, i) for i in range(2)]
+        gate.set()
+        for future in failing:
+            with pytest.raises(ValueError, match="bad labels"):
+                future.result(5)
+        blocker.result(5)
+        assert queue.pending == 0
+    finally:
+        queue.close()
+
+
+def test_concurrent_segment_requests_share_batches(
+    models: Models, segmenter: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests that queue up behind a busy network go through it together, each still given its own
+    image's masks (equal to the library's)."""
+    app = api.create_app(models, Limits(queue_size=16))
+    served = models.get("lseg-shapes")
+    sizes: list[int] = []
+    infer_many = served.infer_many
+    monkeypatch.setattr(
+        served, "infer_many", lambda items, **kw: sizes.append(len(items)) or infer_many(items, **kw)
+    )
+    images = [scene(i) for i in range(6)]
+    expected = [segmenter.segment(image, LABELS).mask for image in images]
+    with (
+        serving(app) as url,
+        httpx.Client(base_url=url, timeout=60) as c,
+        ThreadPoolExecutor(6) as pool,
+        blocked_segmenter(models, monkeypatch) as (entered, release),
+    ):
+        first = pool.submit(segment_request, c, images[0], LABELS, "json")
+        assert entered.wait(30)  # the network is busy with the first request
+        rest = [pool.submit(segment_request, c, image, LABELS, "json") for image in images[1:]]
+        deadline = time.monotonic() + 30
+        while app.state.queue.pending < len(images) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+        responses = [first.result(60)] + [f.result(60) for f in rest]
+    for response, mask in zip(responses, expected, strict=True):
+        assert response.status_code == 200, response.text
+        np.testing.assert_array_equal(index_map(response.json()), mask)
+    assert sizes[0] == 1 and sorted(sizes[1:]) == [5], sizes
+
+
 # ------------------------------------------------------------------------------------ settings
 
 

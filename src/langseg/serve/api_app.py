@@ -123,14 +123,17 @@ def build_app(models: Models, limits: Limits, token: str | None) -> FastAPI:
         prepared = await to_thread.run_sync(_prepare, predictor, query.image, limits, limiter=decoding)
         # Only the network runs on the inference thread (a predictor keeps per-image state); what follows
         # runs on the queue's second thread while the next request's network runs.
-        answer = await queue.run(
-            predictor.infer,
-            prepared,
-            query.labels,
-            query.background_threshold,
-            True,  # keep_scores: each segment's score
-            then=partial(_segment_answer, predictor, name, query.png),
+        then = partial(_segment_answer, predictor, name, query.png)
+        # Requests for the same model and labels that wait together share one batched network call.
+        key = (name, tuple(query.labels), query.background_threshold)
+        # keep_scores (True): each segment's score
+        infer_many = partial(
+            predictor.infer_many,
+            labels=query.labels,
+            keep_scores=True,
+            background_threshold=query.background_threshold,
         )
+        answer = await queue.run_batched(key, infer_many, prepared, then=then)
         return JSONAnswer(answer)
 
     @app.post(

@@ -12,7 +12,7 @@ import asyncio
 import base64
 import io
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -228,13 +228,21 @@ class InferenceQueue:
     A call may name a second stage, ``then(result)``, run on a second thread (in arrival order too): the
     work after the network that reads no predictor state (a predictor's ``finish``, building the answer),
     so that the worker starts the next request's network meanwhile. The place is held until both are done.
+
+    :meth:`submit_batched` lets requests that can share a network call (the same model and labels) wait
+    together: the worker takes all those waiting when it gets to them, up to ``max_batch``, in one call.
+    Nothing waits on purpose for a batch to fill: a lone request runs at once, and a batch is what came
+    in while the worker was busy.
     """
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, max_batch: int = 8) -> None:
         self.limits = limits
+        self.max_batch = max_batch
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="langseg-infer")
         self._after = ThreadPoolExecutor(1, thread_name_prefix="langseg-finish")
         self._places = threading.BoundedSemaphore(limits.queue_size)
+        self._waiting: dict[Hashable, list[tuple[Any, Future]]] = {}  # batchable requests, by key
+        self._lock = threading.Lock()
 
     @property
     def pending(self) -> int:
@@ -256,6 +264,60 @@ class InferenceQueue:
         except BaseException:
             self._places.release()
             raise
+        return self._chain(first, then)
+
+    def submit_batched(
+        self,
+        key: Hashable,
+        call_many: Callable[[list[Any]], Sequence[Any]],
+        item: Any,
+        then: Callable[[Any], Any] | None = None,
+    ) -> Future:
+        """Like :meth:`submit`, for ``item`` of a call that takes many: ``call_many(items)`` gives one
+        result per item, in order. Items of equal ``key`` waiting together share one call (``key`` must
+        say everything besides the item that ``call_many`` depends on)."""
+        if not self._places.acquire(blocking=False):
+            raise ServiceBusyError(
+                f"the server is busy ({self.limits.queue_size} requests waiting or running)",
+                hint="Retry in a few seconds.",
+            )
+        first: Future = Future()
+        try:
+            with self._lock:
+                group = self._waiting.setdefault(key, [])
+                group.append((item, first))
+                if len(group) == 1:  # the first one waiting asks the worker to take the group
+                    self._pool.submit(self._run_batch, key, call_many)
+        except BaseException:
+            self._places.release()
+            raise
+        return self._chain(first, then)
+
+    def _run_batch(self, key: Hashable, call_many: Callable[[list[Any]], Sequence[Any]]) -> None:
+        """On the worker thread: one call for (up to ``max_batch`` of) the items waiting under ``key``."""
+        with self._lock:
+            group = self._waiting.pop(key, [])
+            if len(group) > self.max_batch:
+                self._waiting[key] = group[self.max_batch :]
+                self._pool.submit(self._run_batch, key, call_many)
+        batch = [
+            (item, future)
+            for item, future in group[: self.max_batch]
+            if future.set_running_or_notify_cancel()
+        ]
+        if not batch:
+            return
+        try:
+            results = call_many([item for item, _ in batch])
+        except BaseException as err:  # the same call for each: the same failure for each
+            for _, future in batch:
+                future.set_exception(err)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            future.set_result(result)
+
+    def _chain(self, first: Future, then: Callable[[Any], Any] | None) -> Future:
+        """``first``'s outcome, after ``then`` of it on the second thread; the place freed at the end."""
         if then is None:
             first.add_done_callback(lambda _: self._places.release())
             return first
@@ -277,7 +339,20 @@ class InferenceQueue:
     async def run(self, call: Callable[..., T], *args: Any, then: Callable[[T], Any] | None = None) -> Any:
         """Await ``call(*args)`` (then ``then`` of it) from an event loop; raises ServiceBusyError when
         full or too slow."""
-        future = asyncio.wrap_future(self.submit(call, *args, then=then))
+        return await self._await(self.submit(call, *args, then=then))
+
+    async def run_batched(
+        self,
+        key: Hashable,
+        call_many: Callable[[list[Any]], Sequence[Any]],
+        item: Any,
+        then: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """Await :meth:`submit_batched` from an event loop; raises ServiceBusyError when full or too slow."""
+        return await self._await(self.submit_batched(key, call_many, item, then=then))
+
+    async def _await(self, submitted: Future) -> Any:
+        future = asyncio.wrap_future(submitted)
         try:
             return await asyncio.wait_for(asyncio.shield(future), self.limits.timeout_s)
         except TimeoutError:
@@ -289,6 +364,11 @@ class InferenceQueue:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._after.shutdown(wait=True, cancel_futures=True)
+        with self._lock:  # batchable requests whose turn never came: cancelled, never left hanging
+            for group in self._waiting.values():
+                for _, future in group:
+                    future.cancel()
+            self._waiting.clear()
 
 
 def _settle(target: Future, source: Future) -> None:
