@@ -40,7 +40,7 @@ LAYERS: dict[str, int] = {
     "cli": 8,
     "__main__": 9,
     "serve": 7,  # the demo and the HTTP API: over api, predict and batch; the CLI starts them
-    "export": 8,
+    "export": 4,  # ONNX graphs and the onnxruntime predictor: over models and predict; api loads them
 }
 # What models/ may import besides the standard library and itself.
 MODELS_THIRD_PARTY = {"torch", "timm", "open_clip"}

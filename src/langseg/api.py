@@ -117,6 +117,15 @@ def _entry_and_weights(model: Any, weights: Any) -> tuple[ModelEntry, Path | Non
     return get_model_entry(name), path if local is None else local
 
 
+def _is_exported(model: Any) -> bool:
+    """Whether ``model`` names an exported ONNX folder (one holding the export manifest)."""
+    if not isinstance(model, (str, os.PathLike)):
+        return False
+    from langseg.export.manifest import is_exported_folder
+
+    return is_exported_folder(model)
+
+
 def model_entry(model: str | Path) -> ModelEntry:
     """The registry entry a name or a checkpoint folder stands for, without reading any weights (e.g. to
     check a model's ``task`` before loading it)."""
@@ -161,13 +170,19 @@ def load(
 
     Args:
         model: registry name (``langseg models``), ``family:...`` name (e.g. ``naclip:ViT-L-14/openai``),
-            or a checkpoint folder / ``.safetensors`` file whose ``config.json`` names the model.
+            a checkpoint folder / ``.safetensors`` file whose ``config.json`` names the model, or a
+            folder written by ``langseg export MODEL --format onnx`` (a predictor on onnxruntime, which
+            takes no ``weights`` or options; see docs/export.md).
         weights: a local weights file or folder to use instead of the entry's own weights.
         device: where the model runs (``"auto"``: CUDA, else MPS, else the CPU).
         options: the family's predictor options (``langseg.zoo.lseg.LSegOptions``,
             ``langseg.zoo.vlt.VLTOptions``, ``langseg.zoo.dense_clip.DenseClipOptions``); an option the
             family does not take is a :class:`BadConfigError` naming the ones it does.
     """
+    if _is_exported(model):  # a folder written by `langseg export --format onnx`: onnxruntime runs it
+        from langseg.export import load_exported
+
+        return load_exported(model, weights=weights, device=device, **options)
     entry, local = _entry_and_weights(model, weights)
     family = get_family(entry.family)
     parsed = family.parse_options(options)  # before any weights are read

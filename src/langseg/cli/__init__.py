@@ -460,37 +460,8 @@ def _eval_inputs(model: str, weights: Path | None) -> list[Path]:
     return inputs
 
 
-@app.command("export")
-def export(
-    config: Path = typer.Argument(..., parser=path_arg, help="The YAML recipe the model was trained with."),
-    out_dir: Path = typer.Argument(
-        ..., parser=path_arg, help="Folder to write the model into, new or empty (langseg.load reads it)."
-    ),
-    checkpoint: str = typer.Option("auto", "--checkpoint", help="Checkpoint file, run folder or auto."),
-    overrides: list[str] | None = typer.Option(None, "--set", help="Config override KEY=VALUE, repeatable."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace the model in OUT_DIR (a model folder only)."
-    ),
-) -> None:
-    """Export a trained checkpoint as a model folder for `langseg.load`, `segment` and `eval`."""
-    from langseg.batch import check_output_folder, write_folder_atomic
-    from langseg.hub import CONFIG_NAME, WEIGHTS_NAME
-    from langseg.train import load_config
-    from langseg.train.export import export_checkpoint
-
-    if not checkpoint.strip():
-        from langseg.errors import BadConfigError
-
-        raise BadConfigError("--checkpoint is empty", hint="Pass a checkpoint file, a run folder or auto.")
-    recipe = load_config(config, overrides or [])
-    # The checkpoint (or the run folder "auto" searches) is an input: OUT_DIR must not hold it.
-    source = Path(recipe.out_dir) if checkpoint.strip() == "auto" else Path(checkpoint)
-    check_output_folder(out_dir, overwrite, (WEIGHTS_NAME, CONFIG_NAME), inputs=[config, source])
-    write_folder_atomic(out_dir, lambda tmp: export_checkpoint(recipe, checkpoint, tmp), last=CONFIG_NAME)
-    console.print(f"exported to {out_dir}; load it with langseg.load({str(out_dir)!r})")
-
-
 # The web commands live in their own module; importing it registers them on ``app``.
+from langseg.cli import export as _export  # noqa: E402, F401
 from langseg.cli import web as _web  # noqa: E402, F401
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
 from langseg.errors import BadConfigError, BadImageError
-from langseg.models.text import can_trim_text, encode_text_trimmed
+from langseg.models.text import capturing_graph, encode_text_trimmed, trim_text_now
 
 
 @dataclass(frozen=True)
@@ -84,11 +84,12 @@ def neighbourhood_bias(
     Returns:
         ``(1 + h*w) x (1 + h*w)`` tensor.
     """
-    rows = torch.arange(h, device=device, dtype=torch.float64).repeat_interleave(w)
-    cols = torch.arange(w, device=device, dtype=torch.float64).repeat(h)
+    # expand + reshape and pad, not repeat_interleave and a slice assignment: the same numbers, and a
+    # graph that onnxruntime runs for any grid when the bias is exported with symbolic h and w.
+    rows = torch.arange(h, device=device, dtype=torch.float64)[:, None].expand(h, w).reshape(-1)
+    cols = torch.arange(w, device=device, dtype=torch.float64)[None, :].expand(h, w).reshape(-1)
     d2 = (rows[:, None] - rows[None, :]) ** 2 + (cols[:, None] - cols[None, :]) ** 2
-    bias = torch.zeros(1 + h * w, 1 + h * w, dtype=torch.float64, device=device)
-    bias[1:, 1:] = torch.exp(-d2 / (2.0 * sigma**2))
+    bias = F.pad(torch.exp(-d2 / (2.0 * sigma**2)), (1, 0, 1, 0))
     return bias.to(dtype)
 
 
@@ -124,7 +125,7 @@ def encode_tokens(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     prompts cost far less (80 templates: 12 positions instead of 77, 7x faster on a CPU). Other models
     (no causal mask, other pooling) fall back to their own ``encode_text``.
     """
-    if not can_trim_text(model):
+    if not trim_text_now(model):
         return model.encode_text(tokens)
     return encode_text_trimmed(model, tokens)[0]
 
@@ -238,11 +239,13 @@ class DenseCLIP(nn.Module):
         gh, gw = self.visual.grid_size
         if (h, w) == (gh, gw):
             return pos
-        # A cached tensor carries no autograd graph, so cache only when no gradient must reach `pos`.
-        cacheable = not (torch.is_grad_enabled() and pos.requires_grad)
+        # A cached tensor carries no autograd graph, so cache only when no gradient must reach `pos`; and
+        # not while a graph is captured (ONNX export): its tensors have no storage (no data_ptr) and its
+        # sizes may be symbols, and a cached tensor would enter the graph as a constant.
+        cacheable = not (torch.is_grad_enabled() and pos.requires_grad) and not capturing_graph()
         key = (h, w, torch.is_inference_mode_enabled())
         # Stamp: a new or in-place-updated (optimizer step, load_state_dict, .to()) weight is a miss.
-        stamp = (pos.data_ptr(), pos._version, pos.device, pos.dtype)
+        stamp = (pos.data_ptr(), pos._version, pos.device, pos.dtype) if cacheable else None
         if cacheable and key in self._pos_cache and self._pos_cache[key][0] == stamp:
             return self._pos_cache[key][1]
         work = torch.promote_types(pos.dtype, torch.float32)  # bicubic in at least float32
@@ -255,6 +258,8 @@ class DenseCLIP(nn.Module):
         return out
 
     def _gaussian(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
+        if capturing_graph():  # symbolic sizes cannot key a cache; the graph computes the bias itself
+            return neighbourhood_bias(h, w, self.sigma, dtype=like.dtype, device=like.device)
         key = (h, w, like.dtype, like.device, torch.is_inference_mode_enabled())
         if key not in self._bias_cache:
             bias = neighbourhood_bias(h, w, self.sigma, dtype=like.dtype, device=like.device)

@@ -101,11 +101,25 @@ class ClipTextEncoder(nn.Module):
                 hint="Shorten the label or tokenise with the model's context length.",
             )
         token_ids = token_ids.long()
-        if can_trim_text(self.text):
+        if trim_text_now(self.text):
             return encode_text_trimmed(self.text, token_ids)[0]
         return self.text(token_ids)  # not trimmable (see can_trim_text): open_clip's full forward
 
     forward = encode
+
+
+def capturing_graph() -> bool:
+    """Whether a graph is being captured (``torch.export`` / ``torch.compile``, or the TorchScript tracer
+    behind the legacy ONNX exporter). Shapes that depend on tensor values (trimming to the last
+    end-of-text token, packed sequences) would be refused, or baked into the graph as constants, so the
+    models take their value-independent paths then (same results, more work)."""
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
+def trim_text_now(tower: nn.Module) -> bool:
+    """:func:`can_trim_text`, and no graph is being captured (:func:`capturing_graph`): trimming runs
+    a number of positions read from the token values, which a captured graph cannot follow."""
+    return can_trim_text(tower) and not capturing_graph()
 
 
 def can_trim_text(tower: nn.Module) -> bool:

@@ -24,7 +24,13 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from langseg.errors import BadConfigError, BadExpressionError
-from langseg.models.text import ClipTextEncoder, can_trim_text, encode_text_trimmed, project_text
+from langseg.models.text import (
+    ClipTextEncoder,
+    capturing_graph,
+    encode_text_trimmed,
+    project_text,
+    trim_text_now,
+)
 
 TextOutput = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -83,8 +89,10 @@ class GRUTextEncoder(nn.Module):
 
     def run_gru(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B x L x C word features, zero at pads; B x C last states summed over directions)``."""
-        lengths = token_mask.sum(1).clamp(min=1).cpu()  # an empty row still reads its first (pad) slot
         x = self.input_dropout(self.embed(token_ids))
+        if capturing_graph():
+            return self._run_gru_padded(x, token_mask.sum(1).clamp(min=1))
+        lengths = token_mask.sum(1).clamp(min=1).cpu()  # an empty row still reads its first (pad) slot
         packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
         out, last = self.gru(packed)
         words, _ = pad_packed_sequence(out, batch_first=True, total_length=token_ids.shape[1])
@@ -92,15 +100,48 @@ class GRUTextEncoder(nn.Module):
             words = words.view(*words.shape[:2], 2, -1).sum(2)
         return words, last.sum(0)
 
+    def _run_gru_padded(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`run_gru` without packed sequences, for graph capture (ONNX export): packing makes
+        shapes that depend on the lengths, which ``torch.export`` refuses.
+
+        Each direction reads only real words, as with packing: the forward direction runs on the
+        left-aligned rows (its outputs before a row's length never see the padding after it) and the
+        backward direction on the same rows right-aligned (padding first, so it starts at the last word).
+        Two GRU passes instead of one; the same numbers up to float rounding.
+
+        Args:
+            x: ``B x L x E`` word embeddings (left-aligned, padding after); lengths: ``B`` int64, >= 1.
+        """
+        batch, length, _ = x.shape
+        positions = torch.arange(length, device=x.device)
+        real = positions[None] < lengths[:, None]  # B x L
+        shift = length - lengths  # right-aligning moves row b by L - len_b places
+        hx = x.new_zeros(2 if self.bidirectional else 1, batch, self.gru.hidden_size)
+        out, _ = self.gru(x, hx)
+        out = out.view(batch, length, 2 if self.bidirectional else 1, -1)
+        # The forward direction's last state is its output at the row's last word.
+        index = (lengths - 1).view(batch, 1, 1).expand(batch, 1, out.shape[-1])
+        last = out[:, :, 0].gather(1, index)[:, 0]
+        words = out[:, :, 0] * real[..., None]
+        if not self.bidirectional:
+            return words, last
+        # Right-aligned rows: row b's word t sits at t + shift_b; taking index (t - shift_b) mod L back.
+        right = x.gather(1, ((positions[None] - shift[:, None]) % length)[..., None].expand_as(x))
+        back, _ = self.gru(right, hx)
+        back = back.view(batch, length, 2, -1)[:, :, 1]
+        aligned = back.gather(1, ((positions[None] + shift[:, None]) % length)[..., None].expand_as(back))
+        # The backward direction's last state is its output at the row's first word.
+        return words + aligned * real[..., None], last + aligned[:, 0]
+
     def pool(self, words: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
         """Attention pooling of ``B x L x C`` words into ``B x C`` (see class docstring)."""
         assert self.attention is not None
         scores = self.attention_dropout(torch.tanh(self.attention(words)))
         scores = scores.masked_fill(~token_mask[..., None], float("-inf"))
         # A row without any real token would give 0/0; let it attend to its (zero) pads instead.
+        # (masked_fill, not `if empty.any()`: a branch on values cannot be captured in an ONNX graph.)
         empty = ~token_mask.any(1)
-        if empty.any():
-            scores[empty] = 0.0
+        scores = scores.masked_fill(empty[:, None, None], 0.0)
         return (scores.softmax(dim=1) * words).sum(1)
 
     def forward(self, token_ids: torch.Tensor, token_mask: torch.Tensor) -> TextOutput:
@@ -154,7 +195,7 @@ class ClipWordEncoder(nn.Module):
             )
         token_ids, token_mask = token_ids.long(), token_mask.bool()
         length = token_ids.shape[1]
-        if can_trim_text(self.text):
+        if trim_text_now(self.text):
             # Run only up to the longest prompt (its last real token or EOT, whichever is later): under
             # the causal mask the used positions never see the later ones. Padding columns come back zero.
             used = token_mask.any(0).nonzero()

@@ -275,7 +275,10 @@ class QueryGeneration(nn.Module):
         q = F.relu(self.q_proj(visual + pe_q))
         k, v = F.relu(self.k_proj(lang + pe_w)), F.relu(self.v_proj(lang + pe_w))
         ignore = ~mask.bool()
-        ignore[ignore.all(1), 0] = False  # a row without words would attend to nothing (NaN)
+        # A row without words would attend to nothing (NaN): it attends to its first slot. (No boolean
+        # indexing: its shape depends on values, which an ONNX graph cannot capture.)
+        first = ignore[:, :1] & ~ignore.all(1, keepdim=True)
+        ignore = torch.cat([first, ignore[:, 1:]], dim=1)
         out, _ = self.attention(q, k, v, key_padding_mask=ignore, need_weights=False)
         return out + visual
 

@@ -1,0 +1,324 @@
+"""ONNX export: every graph against PyTorch (fp32, 1e-4), masks of the onnxruntime predictor against the
+PyTorch predictor, the exporter each family uses, the legacy fallback, and the error cases.
+
+Models: the shipped ``lseg-shapes`` and ``vlt-shapes`` (trained, small) and a tiny random-weight NACLIP
+(an open_clip ViT registered from a JSON file, as in test_dense_clip_predict.py). Each is exported once
+per module (export takes tens of seconds on a busy CPU); ``vlt-shapes`` through the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import langseg
+from langseg.data.shapes import ShapeWorldConfig, render_scene
+from langseg.errors import BadConfigError, BadDataError, MissingWeightsError, OutputError
+from langseg.export import export_onnx, onnx_io, read_manifest
+from langseg.export.graphs import ClassifyGraph, GraphSpec
+from langseg.export.onnx_io import export_graph, session
+from tests.test_cli import run_cli
+
+pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = "langseg-test-onnx-tiny-vit"
+TOL = 1e-4
+EXPRESSIONS = ["the large red circle", "the blue square on the left", "a green triangle", "the small one"]
+
+
+@pytest.fixture(scope="module")
+def lseg(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    """(PyTorch Segmenter, exported folder) of lseg-shapes."""
+    torch.set_num_threads(1)
+    predictor = langseg.load("lseg-shapes")
+    out = tmp_path_factory.mktemp("lseg") / "onnx"
+    export_onnx(predictor, out, model_name="lseg-shapes")
+    return predictor, out
+
+
+@pytest.fixture(scope="module")
+def vlt(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    """(PyTorch Referrer, folder exported by `langseg export vlt-shapes --format onnx --out DIR`)."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("vlt") / "onnx"
+    monkeypatch, capture = pytest.MonkeyPatch(), _Capture()
+    code, _, err = run_cli(
+        monkeypatch, capture, "export", "vlt-shapes", "--format", "onnx", "--out", str(out)
+    )
+    monkeypatch.undo()
+    assert code == 0, err
+    return langseg.load("vlt-shapes"), out
+
+
+class _Capture:
+    """capsys for a module-scoped fixture (run_cli only calls readouterr(); the output goes to the
+    terminal, and the manifest is checked instead)."""
+
+    def readouterr(self) -> tuple[str, str]:
+        return "", ""
+
+
+@pytest.fixture(scope="module")
+def naclip(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, Path]:
+    """(PyTorch Segmenter, exported folder, weights) of a tiny random NACLIP with PAMR."""
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("clip")
+    config = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    (folder / f"{TINY}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / f"{TINY}.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY)
+    with torch.no_grad():  # default init has zero biases and unit norms; make every weight count
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "tiny.safetensors"))
+    options = {"crop": 48, "stride": 32, "templates": ["a photo of a {}.", "{}"], "pamr": True}
+    predictor = langseg.load(f"naclip:{TINY}", weights=folder / "tiny.safetensors", **options)
+    export_onnx(predictor, folder / "onnx", model_name=f"naclip:{TINY}")
+    return predictor, folder / "onnx", folder / "tiny.safetensors"
+
+
+def photo(height: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    image = np.zeros((height, width, 3), np.float32)
+    image[:, : width // 2] = (200, 40, 30)
+    image[height // 2 :, width // 3 :] = (30, 90, 210)
+    return np.clip(image + rng.normal(0, 12, image.shape), 0, 255).astype(np.uint8)
+
+
+def scene(index: int, size: int = 128) -> np.ndarray:
+    return render_scene(7, index, ShapeWorldConfig(size=size)).image
+
+
+def run(folder: Path, graph: str, **inputs: torch.Tensor) -> np.ndarray:
+    runner = session(folder / f"{graph}.onnx", threads=1)
+    return runner.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+
+
+# ------------------------------------------------------------------------------------------ graphs
+
+
+@pytest.mark.parametrize("family", ["lseg", "naclip", "vlt"])
+def test_every_graph_is_exported_by_the_current_exporter(family, request) -> None:
+    """A regression to the legacy fallback fails here (the manifest records the exporter per graph)."""
+    folder = request.getfixturevalue(family)[1]
+    manifest = read_manifest(folder)
+    expected = ["model"] if family == "vlt" else ["image", "text", "classify"]
+    assert sorted(manifest["graphs"]) == sorted(expected)
+    for name, graph in manifest["graphs"].items():
+        assert graph["exporter"] == "dynamo" and graph["fallback_reason"] is None, name
+        assert 0 <= graph["max_abs_diff"] < TOL
+    assert manifest["family"] == {"lseg": "lseg", "naclip": "dense_clip", "vlt": "vlt"}[family]
+    assert manifest["format"] == "langseg-onnx" and manifest["opset"] == 18
+
+
+@pytest.mark.parametrize("family", ["lseg", "naclip"])
+def test_segmentation_graphs_match_pytorch_at_two_image_sizes(family, request) -> None:
+    """One image graph, two sizes (dynamic H, W and batch); text and classify graphs at other K."""
+    predictor, folder = request.getfixturevalue(family)[:2]
+    model, patch = predictor.model, predictor.preprocess.pad_multiple
+    ids = predictor.tokenizer(["red circle", "a blue square", "background", "green"])
+    with torch.no_grad():
+        text = model.encode_text(ids)
+        np.testing.assert_allclose(run(folder, "text", token_ids=ids), text.numpy(), atol=TOL, rtol=0)
+        for shape in ((1, 3, 16 * patch, 16 * patch), (2, 3, 7 * patch, 12 * patch)):
+            images = torch.randn(shape, generator=torch.Generator().manual_seed(shape[2]))
+            features = model.encode_image(images)
+            got = run(folder, "image", images=images)
+            np.testing.assert_allclose(got, features.numpy(), atol=TOL, rtol=0)
+            logits = run(folder, "classify", features=features, text_embeddings=text[:3])
+            np.testing.assert_allclose(
+                logits, model.dense_logits(features, text[:3]).numpy(), atol=TOL, rtol=0
+            )
+
+
+def test_vlt_graph_matches_pytorch_for_any_number_of_expressions(vlt) -> None:
+    referrer, folder = vlt
+    model = referrer.model
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    for texts in (EXPRESSIONS[:1], EXPRESSIONS):
+        ids, mask = referrer.tokenizer.encode_batch(texts)
+        with torch.no_grad():
+            expected = model.decode(model.encode_image(images), ids, mask).numpy()
+        pad = 15 - ids.shape[1]
+        got = run(
+            folder,
+            "model",
+            images=images,
+            token_ids=torch.nn.functional.pad(ids, (0, pad)),
+            token_mask=torch.nn.functional.pad(mask, (0, pad)),
+        )
+        assert got.shape == (len(texts), 1, 32, 32)
+        np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------- predictors
+
+
+def test_lseg_onnx_predictor_gives_the_same_masks(lseg) -> None:
+    torch_seg, folder = lseg
+    onnx_seg = langseg.load(folder)
+    assert type(onnx_seg) is type(torch_seg) and onnx_seg.plan == torch_seg.plan
+    labels = ["background", "red circle", "blue square", "green triangle", "yellow circle"]
+    for image in (scene(0), scene(1, size=96)[:, :80]):  # the native size, and another one
+        expected = torch_seg.segment(image, labels, keep_scores=True)
+        got = onnx_seg.segment(image, labels, keep_scores=True)
+        np.testing.assert_array_equal(got.mask, expected.mask)
+        np.testing.assert_allclose(got.scores, expected.scores, atol=TOL)
+        assert len(np.unique(got.mask)) >= 2
+
+
+def test_naclip_onnx_predictor_gives_the_same_masks_with_windows_and_pamr(naclip) -> None:
+    torch_seg, folder, _ = naclip
+    onnx_seg = langseg.load(folder, device="auto")
+    assert onnx_seg.refine is not None and onnx_seg.plan.crop == 48 and len(onnx_seg.templates) == 2
+    labels = ["cat", "sofa; couch", "other"]
+    for image in (photo(40, 40), photo(64, 100, seed=1)):  # one window (padded), several windows
+        expected = torch_seg.segment(image, labels, keep_scores=True)
+        got = onnx_seg.segment(image, labels, keep_scores=True)
+        np.testing.assert_array_equal(got.mask, expected.mask)
+        np.testing.assert_allclose(got.scores, expected.scores, atol=TOL)
+
+
+def test_vlt_onnx_predictor_gives_the_same_masks(vlt) -> None:
+    torch_ref, folder = vlt
+    onnx_ref = langseg.load(folder)
+    image = render_scene(3, 0, ShapeWorldConfig(size=80)).image[:, :70]  # letterboxed to 64
+    expected = torch_ref.refer_all(image, EXPRESSIONS, keep_scores=True)
+    got = onnx_ref.refer_all(image, EXPRESSIONS, keep_scores=True)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)
+        np.testing.assert_allclose(a.scores, b.scores, atol=TOL)
+        assert abs(a.score - b.score) < TOL
+    assert any(r.mask.any() for r in got)
+    single = onnx_ref.refer(image, "the large red circle")
+    np.testing.assert_array_equal(single.mask, expected[0].mask)
+
+
+# ------------------------------------------------------------------------------- the fallback
+
+
+def test_legacy_fallback_records_its_reason_and_still_matches(tmp_path, monkeypatch) -> None:
+    """When the current exporter fails, the legacy one writes the graph, and the manifest says why."""
+    net = langseg.create_model("lseg-tiny").eval()
+
+    class Classify(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def dense_logits(self, features: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+            return self.net.classify(features, text)
+
+    features = torch.nn.functional.normalize(torch.randn(2, 32, 5, 7), dim=1)
+    spec = GraphSpec(
+        "classify",
+        ClassifyGraph(Classify()),
+        ("features", "text_embeddings"),
+        ("logits",),
+        (features, torch.randn(3, 32)),
+        (features[:1, :, :4, :6], torch.randn(2, 32)),
+        {"features": {0: ("batch", 1), 2: ("h", 1), 3: ("w", 1)}, "text_embeddings": {0: ("labels", 1)}},
+    )
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("no luck today\nsecond line")
+
+    monkeypatch.setattr(onnx_io, "_export_dynamo", broken)
+    entry = export_graph(spec, tmp_path, 18)
+    assert entry["exporter"] == "legacy" and entry["fallback_reason"] == "RuntimeError: no luck today"
+    check_features, check_text = spec.check
+    got = run(tmp_path, "classify", features=check_features, text_embeddings=check_text)
+    with torch.no_grad():
+        expected = net.classify(check_features, check_text).numpy()
+    np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+def test_existing_folder_needs_overwrite(lseg, tmp_path) -> None:
+    predictor, _ = lseg
+    (tmp_path / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not empty"):
+        export_onnx(predictor, tmp_path, model_name="lseg-shapes")
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_cli_refuses_bad_arguments_before_loading(tmp_path, monkeypatch, capsys) -> None:
+    cases = [
+        (
+            ["export", "lseg-shapes", "--format", "tflite", "--out", str(tmp_path / "a")],
+            "unknown export format",
+        ),
+        (["export", "lseg-shapes", "--format", "onnx"], "needs --out"),
+        (
+            ["export", "lseg-shapes", "--format", "onnx", "--out", str(tmp_path / "a"), "--opset", "9"],
+            "opset 9",
+        ),
+        (["export", "no-such-model", "--format", "onnx", "--out", str(tmp_path / "a")], "no-such-model"),
+        (["export", "recipe.yaml"], "missing OUT_DIR"),
+    ]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("x")
+    cases.append(
+        (["export", "lseg-shapes", "--format", "onnx", "--out", str(tmp_path / "full")], "not empty")
+    )
+    for argv, message in cases:
+        code, _, err = run_cli(monkeypatch, capsys, *argv)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "a").exists()
+
+
+def test_damaged_folders_are_clear_errors(lseg, tmp_path) -> None:
+    _, folder = lseg
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    manifest = copy / "manifest.json"
+    good = manifest.read_text()
+    manifest.write_text("{not json")
+    with pytest.raises(BadDataError, match="not valid JSON"):
+        langseg.load(copy)
+    manifest.write_text(json.dumps({**json.loads(good), "task": "dance"}))
+    with pytest.raises(BadDataError, match="unknown task"):
+        langseg.load(copy)
+    manifest.write_text(json.dumps({**json.loads(good), "format_version": 99}))
+    with pytest.raises(BadDataError, match="format_version 99"):
+        langseg.load(copy)
+    bad_plan = json.loads(good)
+    bad_plan["predictor"]["plan"]["crop"] = "big"
+    manifest.write_text(json.dumps(bad_plan))
+    with pytest.raises(BadDataError, match="usable predictor"):  # at load, not at the first image
+        langseg.load(copy)
+    manifest.write_text(good)
+    (copy / "text.onnx").unlink()
+    with pytest.raises(MissingWeightsError, match=r"text\.onnx"):
+        langseg.load(copy)
+    with pytest.raises(BadConfigError, match="takes no options"):
+        langseg.load(folder, plan="paper")
+    with pytest.raises(BadConfigError, match="no weights"):
+        langseg.load(folder, weights=tmp_path)
+
+
+def test_missing_onnxruntime_names_the_extra(lseg, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a)
+    )
+    with pytest.raises(BadConfigError) as info:
+        langseg.load(lseg[1])
+    assert 'pip install "langseg[export]"' in info.value.hint
