@@ -239,3 +239,29 @@ def test_fusion_aligns_odd_token_grids():
     with torch.no_grad():
         out = net(torch.randn(1, 3, 400, 400 - 16 * 4), torch.randn(2, 32))
     assert out.shape == (1, 2, 400, 336) and torch.isfinite(out).all()
+
+
+def test_channels_last_dpt_gives_the_same_embeddings_and_saves(tmp_path) -> None:
+    """The predictor's channels-last DPT (weights and activations NHWC) computes what the plain network
+    computes, and its weights still save as a langseg checkpoint (safetensors wants contiguous tensors)."""
+    from safetensors.torch import load_file
+
+    from langseg.hub import save_checkpoint
+
+    from langseg import create_model
+
+    torch.manual_seed(0)
+    net = create_model("lseg-tiny").eval()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.inference_mode():
+        plain = net.encode_image(x)
+        assert net.use_channels_last() is net and net.channels_last
+        assert net.decoder.proj[0].weight.is_contiguous(memory_format=torch.channels_last)
+        fast = net.encode_image(x)
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    folder = save_checkpoint(net, tmp_path / "ckpt", {"format": "langseg", "model": "lseg-tiny"})
+    saved = load_file(folder / "model.safetensors")
+    for key, value in net.state_dict().items():
+        assert torch.equal(saved[key], value), key
+    net.use_channels_last(False)
+    assert net.decoder.proj[0].weight.is_contiguous() and not net.channels_last

@@ -256,12 +256,13 @@ def _remove_stale_temporaries(out: Path) -> None:
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors sharing memory (tied weights); store each as its own copy."""
+    """safetensors refuses tensors sharing memory (tied weights) and strided ones (e.g. channels-last
+    convolution weights); store each as its own contiguous copy."""
     seen: set[int] = set()
     out = {}
     for key, tensor in state.items():
         ptr = tensor.untyped_storage().data_ptr()
-        out[key] = tensor.clone() if ptr in seen else tensor
+        out[key] = tensor.clone(memory_format=torch.contiguous_format) if ptr in seen else tensor.contiguous()
         seen.add(ptr)
     return out
 

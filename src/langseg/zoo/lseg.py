@@ -80,8 +80,9 @@ class LSegOptions:
         plan: ``"single"``, ``"paper"``, ``"native"`` (see :func:`lseg_plan`) or an ``InferencePlan``;
             ``None``: the plan the checkpoint records, else the entry's.
         dtype: weight dtype of the image network (``"float32"``, ``"bfloat16"``, ``"float16"`` or a
-            ``torch.dtype``); inputs are cast to it, logits come back float32. The text tower stays
-            float32: it runs once per label set.
+            ``torch.dtype``): the ViT, the DPT decoder and the head run in it; the normalisation, the
+            dot product and the logit scale stay float32; logits come back float32. The text tower
+            stays float32: it runs once per label set.
         max_labels, text_cache_size, feature_cache_bytes: Segmenter limits and caches.
         preprocess: replaces the entry's resizing/normalisation.
         arch_option, block_depth, activation: official spatial-regularisation options (official ``.ckpt``
@@ -222,15 +223,19 @@ def lseg_segmenter(
 ) -> Segmenter:
     """Wrap an :class:`~langseg.models.lseg.LSeg` in a :class:`~langseg.predict.Segmenter`.
 
-    The image network takes ``options.dtype``; the text tower stays float32 (in bf16 on CPU it was
-    slower: its batched matmuls copy their operands). ``default_plan`` applies when the options name none.
+    The image network takes ``options.dtype`` (ViT, DPT and head; the scoring stays float32, see
+    :meth:`~langseg.models.lseg.LSegNet.set_precision`); the text tower stays float32 (in bf16 on CPU it
+    was slower: its batched matmuls copy their operands). ``default_plan`` applies when the options name
+    none.
     """
     import open_clip
 
     options = options or LSegOptions()
     plan = options.plan if options.plan is not None else default_plan
     plan = lseg_plan(plan) if isinstance(plan, str) else plan
-    model.net.to(dtype=options.dtype)  # type: ignore[call-overload]
+    # bf16/fp16 for the ViT, DPT and head; the normalisation, dot product and logit scale stay float32
+    # (LSegNet.set_precision says why). float32 is a plain .to(torch.float32).
+    model.net.set_precision(options.dtype).use_channels_last()
     model.text_encoder.to(dtype=torch.float32)
     # The tokenizer pads to the text tower's own context (77 for CLIP; small towers trained on
     # ShapeWorld use fewer positions).
