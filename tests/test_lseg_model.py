@@ -246,9 +246,8 @@ def test_channels_last_dpt_gives_the_same_embeddings_and_saves(tmp_path) -> None
     computes, and its weights still save as a langseg checkpoint (safetensors wants contiguous tensors)."""
     from safetensors.torch import load_file
 
-    from langseg.hub import save_checkpoint
-
     from langseg import create_model
+    from langseg.hub import save_checkpoint
 
     torch.manual_seed(0)
     net = create_model("lseg-tiny").eval()

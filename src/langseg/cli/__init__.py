@@ -167,7 +167,10 @@ def convert_lseg(
         ..., parser=path_arg, help="Folder to write model.safetensors and config.json into (new or empty)."
     ),
     variant: str | None = typer.Option(
-        None, "--variant", help="lseg-vitl16-384 or lseg-vitb32-384 (default: read from the checkpoint)."
+        None,
+        "--variant",
+        help="lseg-vitl16-384, lseg-vitb32-384, lseg-rn50x16-vitl16-384, lseg-zs-rn101 or lseg-zs-vitl16 "
+        "(default: read from the checkpoint).",
     ),
     arch_option: int | None = typer.Option(
         None, "--arch-option", help="Official spatial regularisation: 0 none, 1 bottleneck, 2 depthwise."
@@ -379,6 +382,12 @@ def eval_(
         None, "--root", parser=path_arg, help="Dataset root folder (real benchmarks)."
     ),
     split: str | None = typer.Option(None, "--split", help="Dataset split, e.g. val, testA."),
+    fold: int | None = typer.Option(
+        None,
+        "--fold",
+        min=0,
+        help="Few-shot fold (pascal-5i: 0-3, coco-20i: 0-3); same as --data-arg fold=K.",
+    ),
     data_args: list[str] | None = typer.Option(
         None, "--data-arg", help="Extra dataset setting KEY=VALUE (YAML value), repeatable."
     ),
@@ -429,6 +438,8 @@ def eval_(
         kwargs["root"] = str(root)
     if split is not None:
         kwargs["split"] = split
+    if fold is not None:
+        kwargs["fold"] = fold
     dataset = build_dataset(data, kwargs)
     predictor = langseg.load(model, weights=weights, device=device, **options)
     scores = evaluate(predictor, dataset, limit=limit)

@@ -9,7 +9,15 @@ The official Lightning module keeps the network in ``self.net``, so its ``state_
 - ``net.scratch.layerN_rn``, ``net.scratch.refinenetN.{resConfUnit1, resConfUnit2, out_conv}``,
   ``net.scratch.head1``, and ``net.scratch.head_block.depthwise.depthwise`` when spatial
   regularisation was trained (``arch_option`` 1 = bottleneck, 2 = depthwise);
-- ``net.clip_pretrained.*``: the whole OpenAI CLIP ViT-B/32 (text tower used, image tower unused).
+- ``net.clip_pretrained.*``: the whole OpenAI CLIP ViT-B/32 (text tower used, image tower unused), or
+  CLIP RN50x16 for the ``clipRN50x16_vitl16_384`` backbone (768-d text, a ModifiedResNet image tower).
+
+The zero-shot networks (``lseg_net_zs.py``, trained by ``train_lseg_zs.py`` with ``--nshot 0``) hold the
+same keys, except that the ResNet-101 one (``clip_resnet101``) has a torchvision ResNet-101 split into
+``net.pretrained.layer1`` (``Sequential(conv1, bn1, relu, maxpool, layer1)``: indices 0, 1 and 4 hold
+weights) and ``net.pretrained.layer2..4`` instead of the ViT and its ``act_postprocess`` blocks. Their
+hyper-parameters carry the few-shot options (``nshot``, ``fold``), which is how a ViT-L/16 zero-shot
+checkpoint (whose keys are those of the semantic one) is told apart.
 
 Its logit scale is ``exp(log(1/0.07))`` held as a plain tensor attribute, so it is *not* in the
 checkpoint; we set our learnable ``logit_scale`` to that value. Every official key is either mapped or
@@ -27,80 +35,36 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
+from langseg.convert.lseg_keys import map_key, official_name
 from langseg.errors import BadConfigError, BadDataError, MissingWeightsError
 from langseg.hub import as_path, check_finite, is_file, save_checkpoint, torch_load_safely
 from langseg.models.lseg import LSEG_CONFIGS, OFFICIAL_LOGIT_SCALE, TEXT_ENCODER_CONFIGS, LSegNet
 from langseg.models.text import ClipTextEncoder
 
-_BACKBONE_VARIANTS = {"clip_vitl16_384": "lseg-vitl16-384", "clip_vitb32_384": "lseg-vitb32-384"}
-# (width, patch) of net.pretrained.model.patch_embed.proj.weight -> variant, when hparams are absent.
-_PATCH_VARIANTS = {(1024, 16): "lseg-vitl16-384", (768, 32): "lseg-vitb32-384"}
+_BACKBONE_VARIANTS = {
+    "clip_vitl16_384": "lseg-vitl16-384",
+    "clip_vitb32_384": "lseg-vitb32-384",
+    "clipRN50x16_vitl16_384": "lseg-rn50x16-vitl16-384",
+    "clip_resnet101": "lseg-zs-rn101",
+}
+# Official backbone -> zero-shot variant, for checkpoints whose hyper-parameters hold few-shot options.
+_ZERO_SHOT_VARIANTS = {"clip_vitl16_384": "lseg-zs-vitl16", "clip_resnet101": "lseg-zs-rn101"}
+_ZERO_SHOT_HPARAMS = ("nshot", "fold")
+# Variants that are one network under two names (the zero-shot ViT-L/16 is the semantic one).
+_SAME_NETWORK = {"lseg-zs-vitl16": "lseg-vitl16-384"}
+# (ViT width, patch, embedding width) of patch_embed.proj and head1 -> variant, when hparams are absent.
+_PATCH_VARIANTS = {
+    (1024, 16, 512): "lseg-vitl16-384",
+    (768, 32, 512): "lseg-vitb32-384",
+    (1024, 16, 768): "lseg-rn50x16-vitl16-384",
+}
+_RESNET101_BLOCKS = (3, 4, 23, 3)
 _ARCH_OPTIONS = {0: "none", 1: "bottleneck", 2: "depthwise"}
-
-_BLOCK = (
-    r"blocks\.\d+\.(?:norm[12]\.(?:weight|bias)|attn\.(?:qkv|proj)\.(?:weight|bias)|"
-    r"mlp\.fc[12]\.(?:weight|bias))"
-)
-_CLIP_BLOCK = (
-    r"transformer\.resblocks\.\d+\.(?:ln_[12]\.(?:weight|bias)|attn\.(?:in_proj_weight|in_proj_bias|"
-    r"out_proj\.weight|out_proj\.bias)|mlp\.c_(?:fc|proj)\.(?:weight|bias))"
-)
-_RCU = r"(?:conv[12]\.(?:weight|bias)|bn[12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))"
-
-# (official key without "net.", target) where target is "net:<template>", "text:<template>" or
-# "drop:<why>". Templates use \1, \2 ... and {n-1} for "the first group minus one".
-_RULES: list[tuple[str, str]] = [
-    (
-        rf"pretrained\.model\.(cls_token|pos_embed|patch_embed\.proj\.(?:weight|bias)|{_BLOCK})",
-        r"net:encoder.vit.\1",
-    ),
-    (r"pretrained\.model\.(?:norm|head)\.(?:weight|bias)", "drop:final norm and classifier of the timm ViT"),
-    (
-        r"pretrained\.act_postprocess([1-4])\.0\.project\.0\.(weight|bias)",
-        r"net:reassemble.blocks.{n-1}.readout.proj.\2",
-    ),
-    (r"pretrained\.act_postprocess([1-4])\.3\.(weight|bias)", r"net:reassemble.blocks.{n-1}.conv.\2"),
-    (r"pretrained\.act_postprocess([1-4])\.4\.(weight|bias)", r"net:reassemble.blocks.{n-1}.resample.\2"),
-    (r"scratch\.layer([1-4])_rn\.weight", r"net:decoder.proj.{n-1}.weight"),
-    (rf"scratch\.refinenet4\.resConfUnit1\.{_RCU}", "drop:skip unit of the deepest fusion block"),
-    (rf"scratch\.refinenet([1-4])\.resConfUnit1\.({_RCU})", r"net:decoder.fusion.{n-1}.skip_unit.\2"),
-    (rf"scratch\.refinenet([1-4])\.resConfUnit2\.({_RCU})", r"net:decoder.fusion.{n-1}.unit.\2"),
-    (r"scratch\.refinenet([1-4])\.out_conv\.(weight|bias)", r"net:decoder.fusion.{n-1}.out_conv.\2"),
-    (r"scratch\.head1\.(weight|bias)", r"net:head.\1"),
-    (r"scratch\.head_block\.depthwise\.depthwise\.(weight|bias)", r"net:spatial_reg.conv.\1"),
-    (
-        rf"clip_pretrained\.(token_embedding\.weight|positional_embedding|text_projection|"
-        rf"ln_final\.(?:weight|bias)|{_CLIP_BLOCK})",
-        r"text:text.\1",
-    ),
-    (r"clip_pretrained\.logit_scale", "drop:CLIP's image-text temperature"),
-    (
-        rf"clip_pretrained\.visual\.(?:class_embedding|positional_embedding|proj|conv1\.weight|"
-        rf"ln_(?:pre|post)\.(?:weight|bias)|{_CLIP_BLOCK})",
-        "drop:CLIP image tower",
-    ),
-]
-_COMPILED = [(re.compile(pattern), target) for pattern, target in _RULES]
-# Our key -> official key, only to name missing keys the way the user's checkpoint spells them.
-_INVERSE: list[tuple[str, str]] = [
-    (r"net:encoder\.vit\.(.+)", r"pretrained.model.\1"),
-    (r"net:reassemble\.blocks\.(\d)\.readout\.proj\.(.+)", r"pretrained.act_postprocess{n+1}.0.project.0.\2"),
-    (r"net:reassemble\.blocks\.(\d)\.conv\.(.+)", r"pretrained.act_postprocess{n+1}.3.\2"),
-    (r"net:reassemble\.blocks\.(\d)\.resample\.(.+)", r"pretrained.act_postprocess{n+1}.4.\2"),
-    (r"net:decoder\.proj\.(\d)\.weight", r"scratch.layer{n+1}_rn.weight"),
-    (r"net:decoder\.fusion\.(\d)\.skip_unit\.(.+)", r"scratch.refinenet{n+1}.resConfUnit1.\2"),
-    (r"net:decoder\.fusion\.(\d)\.unit\.(.+)", r"scratch.refinenet{n+1}.resConfUnit2.\2"),
-    (r"net:decoder\.fusion\.(\d)\.out_conv\.(.+)", r"scratch.refinenet{n+1}.out_conv.\2"),
-    (r"net:head\.(.+)", r"scratch.head1.\1"),
-    (r"net:spatial_reg\.conv\.(.+)", r"scratch.head_block.depthwise.depthwise.\1"),
-    (r"text:text\.(.+)", r"clip_pretrained.\1"),
-]
 
 
 class _PlainDict:
@@ -184,57 +148,68 @@ def _option_int(name: str, value: Any) -> int:
 
 def _resolve_variant(state: dict[str, torch.Tensor], hyper: dict[str, Any], variant: str | None) -> str:
     backbone = hyper.get("backbone")
+    zero_shot = any(name in hyper for name in _ZERO_SHOT_HPARAMS)
     if variant is not None:
         if variant not in LSEG_CONFIGS:
             raise BadConfigError(
                 f"unknown LSeg variant {variant!r}", hint=f"Use one of {sorted(LSEG_CONFIGS)}."
             )
-        trained = _BACKBONE_VARIANTS.get(backbone) if isinstance(backbone, str) else None
-        if trained is not None and trained != variant:  # say so now rather than list 500 shape mismatches
+        trained = _backbone_variant(backbone, zero_shot) if isinstance(backbone, str) else None
+        network = _SAME_NETWORK.get(variant, variant)
+        # Say so now rather than list 500 shape mismatches; one network under two names is fine.
+        if trained is not None and _SAME_NETWORK.get(trained, trained) != network:
             raise BadConfigError(
                 f"this checkpoint was trained as {trained} (backbone {backbone}), not {variant}",
                 hint=f"Load it as {trained!r} (variant={trained!r}), or leave the variant out to infer it.",
             )
         return variant
     if backbone is not None:
-        if not isinstance(backbone, str) or backbone not in _BACKBONE_VARIANTS:
+        trained = _backbone_variant(backbone, zero_shot) if isinstance(backbone, str) else None
+        if trained is None:
             raise BadConfigError(
-                f"official backbone {backbone!r} is not supported",
+                f"official backbone {backbone!r:.80} is not supported",
                 hint=f"Supported: {', '.join(_BACKBONE_VARIANTS)}; or pass variant= explicitly.",
             )
-        return _BACKBONE_VARIANTS[backbone]
-    patch = state.get("net.pretrained.model.patch_embed.proj.weight")
-    if patch is not None and (patch.shape[0], patch.shape[-1]) in _PATCH_VARIANTS:
-        return _PATCH_VARIANTS[(patch.shape[0], patch.shape[-1])]
-    raise BadConfigError("cannot tell which LSeg variant this checkpoint is", hint="Pass variant=...")
+        return trained
+    return _variant_from_shapes(state)
 
 
-def _map_key(key: str) -> tuple[str, str]:
-    """``("net"|"text"|"drop"|"unknown", new_key_or_reason)`` for an official key without ``net.``."""
-    for pattern, target in _COMPILED:
-        match = pattern.fullmatch(key)
-        if match is None:
-            continue
-        kind, _, template = target.partition(":")
-        if kind == "drop":
-            return kind, template
-        template = (
-            template.replace("{n-1}", str(int(match.group(1)) - 1)) if "{n-1}" in template else template
+def _backbone_variant(backbone: str, zero_shot: bool) -> str | None:
+    """The variant an official ``backbone`` name was trained as (zero-shot when few-shot options were set)."""
+    if zero_shot and backbone in _ZERO_SHOT_VARIANTS:
+        return _ZERO_SHOT_VARIANTS[backbone]
+    return _BACKBONE_VARIANTS.get(backbone)
+
+
+def _variant_from_shapes(state: dict[str, torch.Tensor]) -> str:
+    """The variant of a checkpoint without hyper-parameters, read from its tensors' shapes."""
+    head = state.get("net.scratch.head1.weight")
+    out_c = int(head.shape[0]) if head is not None else None
+    if "net.pretrained.layer1.0.weight" in state:  # the zero-shot ResNet: count each stage's blocks
+        prefixes = [f"net.pretrained.{stage}" for stage in ("layer1.4.", "layer2.", "layer3.", "layer4.")]
+        # layer1 sits at index 4 of a Sequential(conv1, bn1, relu, maxpool, layer1); count block indices.
+        blocks = tuple(len({k[len(p) :].split(".")[0] for k in state if k.startswith(p)}) for p in prefixes)
+        if blocks == _RESNET101_BLOCKS and out_c == 512:
+            return "lseg-zs-rn101"
+        raise BadConfigError(
+            f"this checkpoint holds a ResNet with {list(blocks)} blocks per stage and {out_c}-d embeddings; "
+            f"langseg converts the zero-shot ResNet-101 ({list(_RESNET101_BLOCKS)}, 512-d)",
+            hint="Pass variant=... if you know which network it is.",
         )
-        return kind, match.expand(template)
-    return "unknown", key
-
-
-def _official_name(kind: str, key: str) -> str:
-    """The official checkpoint key that would fill our ``key`` (for error messages)."""
-    for pattern, template in _INVERSE:
-        match = re.fullmatch(pattern, f"{kind}:{key}")
-        if match is not None:
-            template = (
-                template.replace("{n+1}", str(int(match.group(1)) + 1)) if "{n+1}" in template else template
-            )
-            return "net." + match.expand(template)
-    return f"{kind}:{key}"
+    patch = state.get("net.pretrained.model.patch_embed.proj.weight")
+    if patch is not None and (patch.shape[0], patch.shape[-1], out_c) in _PATCH_VARIANTS:
+        return _PATCH_VARIANTS[(patch.shape[0], patch.shape[-1], out_c)]
+    found = (
+        f"a ViT {patch.shape[0]} wide with {patch.shape[-1]}-px patches"
+        if patch is not None and patch.ndim == 4
+        else "no ViT patch embedding and no ResNet stem"
+    )
+    raise BadConfigError(
+        f"cannot tell which LSeg variant this checkpoint is: it holds {found} and "
+        f"{out_c if out_c is not None else 'no'}-d pixel embeddings",
+        hint="langseg converts ViT-L/16 (512-d or 768-d RN50x16 text), ViT-B/32 and the zero-shot "
+        "ResNet-101; pass variant=... if you know which network it is.",
+    )
 
 
 def official_to_langseg(
@@ -257,6 +232,8 @@ def official_to_langseg(
         state = {f"net.{k}": v for k, v in state.items()}
     variant = _resolve_variant(state, hyper, variant)
     arch = _option_int("arch_option", arch_option if arch_option is not None else hyper.get("arch_option", 0))
+    if variant.startswith("lseg-zs-") and arch_option is None:
+        arch = 0  # lseg_net_zs.py stores arch_option but never builds the regularisation blocks
     depth = _option_int(
         "block_depth", block_depth if block_depth is not None else hyper.get("block_depth", 0)
     )
@@ -286,7 +263,7 @@ def official_to_langseg(
     out: dict[str, dict[str, torch.Tensor]] = {"net": {}, "text": {}}
     unexpected, mismatched, dropped, floating = [], [], [], []
     for key, tensor in state.items():
-        kind, new_key = _map_key(key.removeprefix("net.")) if key.startswith("net.") else ("unknown", key)
+        kind, new_key = map_key(key.removeprefix("net.")) if key.startswith("net.") else ("unknown", key)
         if kind == "drop":
             dropped.append(key)
         elif kind == "unknown" or new_key not in targets[kind]:
@@ -299,7 +276,7 @@ def official_to_langseg(
                 floating.append(key)
     out["net"]["logit_scale"] = torch.tensor(math.log(OFFICIAL_LOGIT_SCALE))
     missing = [
-        _official_name(kind, k) for kind in ("net", "text") for k in targets[kind] if k not in out[kind]
+        official_name(kind, k) for kind in ("net", "text") for k in targets[kind] if k not in out[kind]
     ]
     _raise_on_problems(variant, arch, missing, unexpected, mismatched)
     # NaN/inf weights would load without a word and give NaN scores: name them (official key names).

@@ -3,7 +3,8 @@
 Nothing here touches files, images, tokenisers or the registry, and nothing here imports any other part
 of langseg than :mod:`langseg.errors` (``tests/test_architecture.py`` checks it). Modules:
 
-- ``lseg`` (LSegNet, LSeg), ``dpt``, ``backbones`` (timm ViT tower), ``text`` (open_clip text tower);
+- ``lseg`` (LSegNet, LSeg), ``lseg_zeroshot`` (the zero-shot variants and their others-vs-class
+  scoring), ``dpt``, ``backbones`` (timm ViT and ResNet towers), ``text`` (open_clip text tower);
 - ``dense_clip`` (training-free dense CLIP, DenseCLIPModel), ``pamr`` (PAMR refinement);
 - ``vlt``, ``vlt_modules``, ``text_gru`` (VLT and its word encoders).
 

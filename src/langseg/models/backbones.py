@@ -1,5 +1,8 @@
 """Image towers that feed dense decoders.
 
+:class:`TimmResNetTower` wraps a timm ResNet and returns the outputs of its four stages (strides 4, 8,
+16 and 32): the maps the zero-shot LSeg's DPT decoder reads directly, with no reassembly.
+
 :class:`TimmViTTower` wraps a timm Vision Transformer and returns the token sequences of four chosen
 blocks (DPT's "hooks"), with absolute position embeddings resized to any input size that is a multiple
 of the patch size. The timm module holds the weights; we only drive its pieces in the order DPT needs,
@@ -14,6 +17,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -161,3 +165,52 @@ class TimmViTTower(nn.Module):
             if index in self.hooks:
                 outputs.append(x)
         return outputs, grid
+
+
+class TimmResNetTower(nn.Module):
+    """A timm ResNet returning the maps after its four stages (``layer1`` ... ``layer4``).
+
+    Args:
+        model_name: a timm ResNet name (the zero-shot LSeg uses ``"resnet101"``: torchvision's layout,
+            stride in the 3x3 convolution, 1x1 convolution + BatchNorm shortcuts).
+        pretrained: passed to ``timm.create_model`` (needs the network; converters load weights
+            themselves, so this stays ``False`` here).
+        model_kwargs: extra timm keyword arguments.
+
+    The pooling and classifier are removed (never read, and unused parameters would break
+    DistributedDataParallel). :attr:`patch_size` is ``(32, 32)``: images must divide by the deepest
+    stride so that every level of the decoder lines up (the predictors pad to it), just as a ViT's
+    images divide by its patch.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "resnet101",
+        pretrained: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        resnet = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **(model_kwargs or {}))
+        if not isinstance(resnet, ResNet):
+            raise BadConfigError(f"{model_name!r} is not a timm ResNet", hint="Use e.g. resnet101.")
+        resnet.global_pool, resnet.fc = nn.Identity(), nn.Identity()
+        self.resnet = resnet
+        # Output channels of layer1..layer4 (256, 512, 1024, 2048 for bottleneck ResNets).
+        self.widths: tuple[int, ...] = tuple(int(info["num_chs"]) for info in resnet.feature_info[-4:])
+        self.patch_size: tuple[int, int] = (32, 32)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``B x 3 x H x W`` (H, W multiples of 32) -> maps ``B x widths[i] x H/s x W/s``, s = 4 ... 32."""
+        height, width = images.shape[-2:]
+        if height % 32 or width % 32:
+            raise BadImageError(
+                f"image size {height}x{width} is not a multiple of 32 (the ResNet's deepest stride)",
+                hint="Resize or pad the image to a multiple of 32 (the predictors do this).",
+            )
+        net = self.resnet
+        x = net.maxpool(net.act1(net.bn1(net.conv1(images))))
+        maps = []
+        for stage in (net.layer1, net.layer2, net.layer3, net.layer4):
+            x = stage(x)
+            maps.append(x)
+        return maps

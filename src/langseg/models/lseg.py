@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from langseg.errors import BadConfigError, BadLabelsError
-from langseg.models.backbones import TimmViTTower
+from langseg.models.backbones import TimmResNetTower, TimmViTTower
 from langseg.models.dpt import DPTDecoder, DPTReassemble
 from langseg.models.text import ClipTextEncoder
 
@@ -32,6 +32,7 @@ SPATIAL_REGS = ("none", "bottleneck", "depthwise")
 # The image network's parts, in the order they run: what LSegNet.set_precision may run in a low dtype.
 IMAGE_PARTS = ("encoder", "reassemble", "decoder", "head")
 ACTIVATIONS = {"relu": nn.ReLU, "lrelu": nn.LeakyReLU, "tanh": nn.Tanh}
+ENCODERS = ("vit", "resnet")
 
 
 class SpatialRegularizer(nn.Module):
@@ -83,10 +84,11 @@ class SpatialRegularizer(nn.Module):
 
 
 class LSegNet(nn.Module):
-    """ViT + DPT pixel encoder scored against label embeddings.
+    """ViT (or ResNet) + DPT pixel encoder scored against label embeddings.
 
     Args:
-        backbone: timm ViT name, or ``None`` to build ``vit_kwargs`` directly (tiny test towers).
+        backbone: timm ViT name, or ``None`` to build ``vit_kwargs`` directly (tiny test towers); a timm
+            ResNet name when ``encoder="resnet"``.
         hooks: ViT blocks feeding DPT (defaults per backbone).
         vit_kwargs: extra timm keyword arguments.
         widths: channels of the four reassembled maps.
@@ -100,6 +102,9 @@ class LSegNet(nn.Module):
         logit_scale: initial multiplier of the cosine similarities (stored as its log, learnable).
         conv_stem: convolutional patch embedding (small models trained from scratch; see
             :func:`langseg.models.backbones.conv_patch_stem`).
+        encoder: ``"vit"`` (DPT reassembly of four token sequences) or ``"resnet"`` (the zero-shot
+            LSeg's ResNet-101: its four stages already are maps at strides 4 ... 32, so the decoder reads
+            them directly; ``reassemble`` is an identity and ``widths`` must be the stages' channels).
     """
 
     def __init__(
@@ -117,12 +122,28 @@ class LSegNet(nn.Module):
         spatial_reg_activation: str = "lrelu",
         logit_scale: float = OFFICIAL_LOGIT_SCALE,
         conv_stem: bool = False,
+        encoder: str = "vit",
     ) -> None:
         super().__init__()
         if spatial_reg not in SPATIAL_REGS:
             raise BadConfigError(f"unknown spatial_reg {spatial_reg!r}", hint=f"Use one of {SPATIAL_REGS}.")
-        self.encoder = TimmViTTower(backbone, hooks=hooks, vit_kwargs=vit_kwargs, conv_stem=conv_stem)
-        self.reassemble = DPTReassemble(self.encoder.embed_dim, widths, self.encoder.patch_size[0], readout)
+        if encoder not in ENCODERS:
+            raise BadConfigError(f"unknown LSeg encoder {encoder!r}", hint=f"Use one of {ENCODERS}.")
+        self.encoder: TimmViTTower | TimmResNetTower
+        self.reassemble: nn.Module
+        if encoder == "resnet":
+            self.encoder = TimmResNetTower(backbone or "resnet101", model_kwargs=vit_kwargs)
+            if tuple(widths) != self.encoder.widths:
+                raise BadConfigError(
+                    f"widths {list(widths)} differ from the ResNet's stage channels "
+                    f"{list(self.encoder.widths)}"
+                )
+            self.reassemble = nn.Identity()  # the stages already are image-like maps
+        else:
+            self.encoder = TimmViTTower(backbone, hooks=hooks, vit_kwargs=vit_kwargs, conv_stem=conv_stem)
+            self.reassemble = DPTReassemble(
+                self.encoder.embed_dim, widths, self.encoder.patch_size[0], readout
+            )
         self.decoder = DPTDecoder(widths, features, use_bn)
         self.head = nn.Conv2d(features, embed_dim, kernel_size=1)
         # Stored as a log (CLIP convention) so that training keeps the scale positive.
@@ -193,9 +214,12 @@ class LSegNet(nn.Module):
         """
         # Each part takes its inputs in its own weights' dtype (set_precision may mix them); with one
         # dtype throughout every cast is a no-op, so a float32 network computes exactly as before.
-        tokens, grid = self.encoder(images.to(self.image_dtype))
-        dtype = _weight_dtype(self.reassemble)
-        maps = self.reassemble([t.to(dtype) for t in tokens], grid)
+        if isinstance(self.encoder, TimmResNetTower):
+            maps = self.encoder(images.to(self.image_dtype))
+        else:
+            tokens, grid = self.encoder(images.to(self.image_dtype))
+            dtype = _weight_dtype(self.reassemble)
+            maps = self.reassemble([t.to(dtype) for t in tokens], grid)
         dtype = _weight_dtype(self.decoder)
         layout = torch.channels_last if self.channels_last else torch.preserve_format
         pixels = self.decoder([m.to(dtype, memory_format=layout) for m in maps])
@@ -279,11 +303,26 @@ LSEG_CONFIGS["lseg-shapes"] = {
     "conv_stem": True,
 }
 
+# The zero-shot networks of the official few-shot benchmarks (lseg_net_zs.py): the ViT-L/16 one is the
+# semantic network; the ResNet-101 one feeds torchvision-layout ResNet-101 stages to the same decoder.
+LSEG_CONFIGS["lseg-zs-vitl16"] = dict(LSEG_CONFIGS["lseg-vitl16-384"])
+LSEG_CONFIGS["lseg-zs-rn101"] = {
+    "backbone": "resnet101",
+    "encoder": "resnet",
+    "widths": [256, 512, 1024, 2048],
+}
+# The semantic network trained in CLIP RN50x16's 768-d text space (official clipRN50x16_vitl16_384).
+LSEG_CONFIGS["lseg-rn50x16-vitl16-384"] = {**LSEG_CONFIGS["lseg-vitl16-384"], "embed_dim": 768}
+
 # Text towers whose embedding space each variant was trained in (kwargs of ClipTextEncoder).
 # LSeg uses OpenAI's CLIP ViT-B/32, hence QuickGELU.
 TEXT_ENCODER_CONFIGS: dict[str, dict[str, Any]] = {
     "lseg-vitl16-384": {"model_name": "ViT-B-32", "quick_gelu": True},
     "lseg-vitb32-384": {"model_name": "ViT-B-32", "quick_gelu": True},
+    "lseg-zs-vitl16": {"model_name": "ViT-B-32", "quick_gelu": True},
+    "lseg-zs-rn101": {"model_name": "ViT-B-32", "quick_gelu": True},
+    # OpenAI's RN50x16 text tower: 12 layers, 768 wide, 12 heads, 768-d output, QuickGELU.
+    "lseg-rn50x16-vitl16-384": {"model_name": "RN50x16", "quick_gelu": True},
     "lseg-tiny": {
         "model_name": None,
         "quick_gelu": True,

@@ -42,8 +42,9 @@ from langseg.models.lseg import (
     lseg_vitb32_384,
     lseg_vitl16_384,
 )
+from langseg.models.lseg_zeroshot import lseg_rn50x16_vitl16_384, lseg_zs_rn101, lseg_zs_vitl16
 from langseg.models.text import ClipTextEncoder
-from langseg.predict.images import HALF_MEAN, HALF_STD
+from langseg.predict.images import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
 from langseg.predict.segmenter import Preprocess, Segmenter
 from langseg.predict.tta import PAPER_SCALES, InferencePlan
 from langseg.registry import Family, ModelEntry, WeightsSpec, register_family, register_model
@@ -310,6 +311,10 @@ _CONVERT_HINT = (
     "Convert the official checkpoint once (`langseg convert lseg-official demo_e200.ckpt lseg-vitl16/`, see "
     "docs/lseg.md), then langseg.load('lseg-vitl16/'); or pass weights='path/to/official.ckpt'."
 )
+# Every LSeg normalises images with mean = std = 0.5, except the zero-shot ResNet-101, whose official
+# evaluation (test_lseg_zs.py: FSSDataset.initialize(..., imagenet_norm=True)) uses ImageNet statistics.
+_HALF_PREPROCESS = {"mean": HALF_MEAN, "std": HALF_STD}
+_ZERO_SHOT_RN101_PREPROCESS = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 FAMILY = register_family(Family("lseg", LSegOptions, load_predictor, load_network))
 for _name, _builder, _description, _weights in (
     (
@@ -323,6 +328,28 @@ for _name, _builder, _description, _weights in (
         lseg_vitb32_384,
         "LSeg, ViT-B/32 DPT image encoder, CLIP ViT-B/32 labels",
         WeightsSpec.convert(_CONVERT_HINT.replace("lseg-vitl16", "lseg-vitb32")),
+    ),
+    (
+        "lseg-rn50x16-vitl16-384",
+        lseg_rn50x16_vitl16_384,
+        "LSeg, ViT-L/16 DPT image encoder, CLIP RN50x16 labels (768-d)",
+        WeightsSpec.convert(
+            _CONVERT_HINT.replace("demo_e200", "your_rn50x16").replace("vitl16/", "rn50x16/")
+        ),
+    ),
+    (
+        "lseg-zs-rn101",
+        lseg_zs_rn101,
+        "Zero-shot LSeg (few-shot benchmarks), ResNet-101 DPT, CLIP ViT-B/32 labels; segment with "
+        "labels=['others', class]",
+        WeightsSpec.convert(_CONVERT_HINT.replace("demo_e200", "fss_rn101").replace("vitl16/", "zs-rn101/")),
+    ),
+    (
+        "lseg-zs-vitl16",
+        lseg_zs_vitl16,
+        "Zero-shot LSeg (few-shot benchmarks), ViT-L/16 DPT, CLIP ViT-B/32 labels; segment with "
+        "labels=['others', class]",
+        WeightsSpec.convert(_CONVERT_HINT.replace("demo_e200", "fss_l16").replace("vitl16/", "zs-vitl16/")),
     ),
     ("lseg-tiny", lseg_tiny, "LSeg architecture at toy size, random weights (tests)", None),
     (
@@ -341,7 +368,7 @@ for _name, _builder, _description, _weights in (
             builder=_builder,
             description=_description,
             weights=_weights,
-            preprocess={"mean": HALF_MEAN, "std": HALF_STD},
+            preprocess=_ZERO_SHOT_RN101_PREPROCESS if _name == "lseg-zs-rn101" else _HALF_PREPROCESS,
             plan="single",
         )
     )
