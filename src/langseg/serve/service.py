@@ -254,17 +254,21 @@ class InferenceQueue:
     ) -> Future:
         """``call(*args)`` on the worker thread (and ``then`` of its result on the second one): a
         concurrent future; raises ServiceBusyError when full."""
-        if not self._places.acquire(blocking=False):
-            raise ServiceBusyError(
-                f"the server is busy ({self.limits.queue_size} requests waiting or running)",
-                hint="Retry in a few seconds.",
-            )
+        self._take_place()
         try:
             first = self._pool.submit(call, *args)
         except BaseException:
             self._places.release()
             raise
         return self._chain(first, then)
+
+    def _take_place(self) -> None:
+        """Hold one of the ``queue_size`` places, or raise :class:`ServiceBusyError` at once."""
+        if not self._places.acquire(blocking=False):
+            raise ServiceBusyError(
+                f"the server is busy ({self.limits.queue_size} requests waiting or running)",
+                hint="Retry in a few seconds.",
+            )
 
     def submit_batched(
         self,
@@ -276,11 +280,7 @@ class InferenceQueue:
         """Like :meth:`submit`, for ``item`` of a call that takes many: ``call_many(items)`` gives one
         result per item, in order. Items of equal ``key`` waiting together share one call (``key`` must
         say everything besides the item that ``call_many`` depends on)."""
-        if not self._places.acquire(blocking=False):
-            raise ServiceBusyError(
-                f"the server is busy ({self.limits.queue_size} requests waiting or running)",
-                hint="Retry in a few seconds.",
-            )
+        self._take_place()
         first: Future = Future()
         try:
             with self._lock:
