@@ -156,7 +156,8 @@ class ResidualConvUnit(nn.Module):
 
 
 class FusionBlock(nn.Module):
-    """RefineNet-style fusion: ``out_conv(up2(unit(x + skip_unit(skip))))``.
+    """RefineNet-style fusion: ``out_conv(up2(unit(x + skip_unit(skip))))``, computed as
+    ``up2(out_conv(...))``.
 
     Args:
         features: width ``F`` of every map.
@@ -174,7 +175,10 @@ class FusionBlock(nn.Module):
         self.unit = ResidualConvUnit(features, use_bn)
         self.out_conv = nn.Conv2d(features, features, kernel_size=1)
 
-    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, skip: torch.Tensor | None = None, upsample: bool = True
+    ) -> torch.Tensor:
+        """The fused map; with ``upsample=False`` at the input's resolution (the caller upsamples)."""
         if skip is not None:
             if self.skip_unit is None:
                 raise ValueError("this fusion block was built without a skip input")
@@ -183,9 +187,11 @@ class FusionBlock(nn.Module):
                 # fail here, we align to the finer map instead. Equal sizes are untouched.
                 x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=True)
             x = x + self.skip_unit(skip)
-        x = self.unit(x)
-        x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)
-        return self.out_conv(x)
+        # The official block upsamples, then applies the 1x1 out_conv. Both are linear per pixel and
+        # bilinear weights sum to one, so the 1x1 convolution (bias included) commutes with the
+        # upsampling: applied first, it gives the same map (to float rounding) at a quarter of the cost.
+        x = self.out_conv(self.unit(x))
+        return F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True) if upsample else x
 
 
 class DPTDecoder(nn.Module):
@@ -197,7 +203,8 @@ class DPTDecoder(nn.Module):
         use_bn: BatchNorm in the residual units.
 
     ``proj[i]`` and ``fusion[i]`` belong to level ``i`` (0 = stride 4). Input: the four maps; output:
-    ``B x features x H/2 x W/2``.
+    ``B x features x H/2 x W/2`` (``H/4 x W/4`` with ``upsample_last=False``: the last x2 bilinear
+    upsampling left to the caller, e.g. to run a 1x1 head first, which commutes with it).
     """
 
     def __init__(self, widths: Sequence[int], features: int = 256, use_bn: bool = True) -> None:
@@ -207,9 +214,9 @@ class DPTDecoder(nn.Module):
         )
         self.fusion = nn.ModuleList(FusionBlock(features, use_bn, has_skip=i < 3) for i in range(4))
 
-    def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, maps: Sequence[torch.Tensor], upsample_last: bool = True) -> torch.Tensor:
         levels = [proj(m) for proj, m in zip(self.proj, maps, strict=True)]
         path = self.fusion[3](levels[3])
-        for i in (2, 1, 0):
+        for i in (2, 1):
             path = self.fusion[i](path, levels[i])
-        return path
+        return self.fusion[0](path, levels[0], upsample=upsample_last)
