@@ -1,21 +1,25 @@
 """Benchmark the batch path of ``langseg segment`` / ``langseg refer`` against the bare network.
 
     python benchmarks/batch_speed.py [--model vlt-shapes] [--num 100] [--size 128] [--threads 1]
-                                     [--rounds 5] [--labels "a, b, c"] [--text T [--text T ...]]
+                                     [--rounds 5] [--batch-size 8] [--labels "a, b, c"] [--text T ...]
 
 Renders ``--num`` ShapeWorld scenes (backgrounds cycling plain / noise / texture) into a temporary folder,
 loads the model once, and times, interleaved over ``--rounds`` rounds (so that other jobs on a shared
 machine hit every path alike):
 
-- **bare network**: the network's forward alone on the already preprocessed input tensors (for a
-  referring model ``encode_image`` + ``decode`` of all expressions; for a semantic model ``encode_image``
-  + ``dense_logits`` of all labels on each tensor the predictor's test-time plan feeds it: scaled,
-  windowed, flipped and padded beforehand);
-- **batch, writing**: :func:`langseg.batch.run_batch` as the CLI runs it: decoding the PNG files,
-  preprocessing, the network, mapping to the image size, and writing overlay, palette mask and JSON;
-- **batch, no writing**: the same without writing outputs, to see where the time goes;
-- **batch, writing, threads**: the CLI path with its workers as threads rather than forked processes
+- **bare network**: the network's forward alone on the already preprocessed input tensors, one image
+  per call (for a referring model ``encode_image`` + ``decode`` of all expressions; for a semantic model
+  ``encode_image`` + ``dense_logits`` of all labels on each tensor the predictor's test-time plan feeds
+  it: scaled, windowed, flipped and padded beforehand): the reference of the "vs bare" column;
+- **bare network, B per call**: the same with ``--batch-size`` images stacked in each call (the reference
+  of the "vs bare B" column: what batching alone gives the network);
+- **batch, B per call, writing (the CLI)**: :func:`langseg.batch.run_batch` as ``langseg segment`` /
+  ``langseg refer`` run it: decoding the PNG files, preprocessing, the network on ``--batch-size`` images
+  per call, mapping to the image size, and writing overlay, palette mask and JSON;
+- **batch, B per call, no writing**: the same without writing outputs, to see where the time goes;
+- **batch, B per call, writing, threads**: with its workers as threads rather than forked processes
   (the default on Linux with a CPU predictor; see :mod:`langseg.batch.workers`);
+- **batch, 1 per call, writing**: the CLI path with ``--batch-size 1``;
 - **bare network, other core busy**: the bare network while another process compresses data on the
   other core: a control for how much this machine slows one core when the other one works at all (a
   pipeline cannot beat it, since its decoding and writing have to run somewhere).
@@ -86,39 +90,54 @@ def plan_inputs(predictor: object, x: torch.Tensor) -> list[torch.Tensor]:
     return seen
 
 
-def bare_pass(predictor: object, inputs: list[torch.Tensor], prompts: list[str]) -> Callable[[], int]:
-    """The network's forward on each preprocessed input, nothing around it."""
+def bare_pass(
+    predictor: object, inputs: list[torch.Tensor], prompts: list[str], batch: int = 1
+) -> Callable[[], int]:
+    """The network's forward on the preprocessed inputs, nothing around it, ``batch`` images per call
+    (stacked along the batch; a referring model decodes the ``batch x E`` image-expression pairs)."""
     model = predictor.model  # type: ignore[attr-defined]
     dtype = next(model.parameters()).dtype
     if hasattr(predictor, "expressions"):
         expressions = predictor.expressions(prompts)  # type: ignore[attr-defined]
-        calls = [[x.to(dtype)] for x in inputs]
+        per_image = [[x.to(dtype)] for x in inputs]
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            return model.decode(model.encode_image(x), expressions.ids, expressions.mask)
+            count = expressions.ids.shape[0]
+            features = [f.repeat_interleave(count, dim=0) for f in model.encode_image(x)]
+            return model.decode(
+                features,
+                expressions.ids.repeat(x.shape[0], 1),
+                expressions.mask.repeat(x.shape[0], 1),
+            )
 
     else:
         embeddings = predictor.label_set(prompts).embeddings  # type: ignore[attr-defined]
-        calls = [plan_inputs(predictor, x) for x in inputs]
+        per_image = [plan_inputs(predictor, x) for x in inputs]
 
         def forward(x: torch.Tensor) -> torch.Tensor:
             return model.dense_logits(model.encode_image(x), embeddings)
+
+    # The same plan step of ``batch`` consecutive images in one tensor (every scene has the same size).
+    calls = [
+        [torch.cat(step) for step in zip(*per_image[start : start + batch], strict=True)]
+        for start in range(0, len(per_image), batch)
+    ]
 
     def run() -> int:
         with torch.inference_mode():
             for tensors in calls:
                 for x in tensors:
                     forward(x)
-        return len(calls)
+        return len(per_image)
 
     return run
 
 
 def batch_pass(
-    predictor: object, job_for: Callable[[], object], write: bool, processes: bool | None = None
+    predictor: object, job_for: Callable[[], object], write: bool, batch: int, processes: bool | None = None
 ) -> Callable[[], int]:
     def run() -> int:
-        summary = run_batch(predictor, job_for(), write=write, write_processes=processes)
+        summary = run_batch(predictor, job_for(), write=write, write_processes=processes, batch_size=batch)
         assert not summary.failed, summary.failed
         return len(summary.written)
 
@@ -184,6 +203,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="scene side in pixels")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the network")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per network call (the CLI's)")
     parser.add_argument("--labels", default=LABELS, help="semantic models: comma-separated labels")
     parser.add_argument("--text", action="append", help="referring models: an expression (repeatable)")
     args = parser.parse_args()
@@ -205,11 +225,16 @@ def main() -> None:
             return check_job(task, [root / "images"], prompts, model=args.model, out_dir=out, device="cpu")
 
         bare = bare_pass(predictor, inputs, prompts)
+        b = args.batch_size
         runs = {
             "bare network": bare,
-            "batch, writing": batch_pass(predictor, job_for, write=True),
-            "batch, no writing": batch_pass(predictor, job_for, write=False),
-            "batch, writing, threads": batch_pass(predictor, job_for, write=True, processes=False),
+            f"bare network, {b} per call": bare_pass(predictor, inputs, prompts, b),
+            f"batch, {b} per call, writing (the CLI)": batch_pass(predictor, job_for, True, b),
+            f"batch, {b} per call, no writing": batch_pass(predictor, job_for, False, b),
+            f"batch, {b} per call, writing, threads": batch_pass(
+                predictor, job_for, True, b, processes=False
+            ),
+            "batch, 1 per call, writing": batch_pass(predictor, job_for, True, 1),
             "bare network, other core busy": busy_neighbour(bare),
         }
         for run in runs.values():  # warm-up: allocator, caches, thread pools
@@ -226,11 +251,20 @@ def main() -> None:
                 main_thread[name].append(1000 * (time.thread_time() - start_thread) / count)
     load_after, cores_after = os.getloadavg(), cores_available()
     bare = statistics.median(rates["bare network"])
+    bare_batched = statistics.median(rates[f"bare network, {args.batch_size} per call"])
     title = (
         f"{args.model} ({task}), {args.num} scenes of {args.size} px, {len(prompts)} prompts, "
         f"{args.threads} torch thread(s), median of {args.rounds} interleaved rounds"
     )
-    columns = ("path", "images/s", "range", "vs bare", "CPU ms/img", "net thread ms/img")
+    columns = (
+        "path",
+        "images/s",
+        "range",
+        "vs bare",
+        f"vs bare {args.batch_size}",
+        "CPU ms/img",
+        "net ms/img",
+    )
     table = Table(*columns, title=title)
     for name, values in rates.items():
         median = statistics.median(values)
@@ -239,6 +273,7 @@ def main() -> None:
             f"{median:.1f}",
             f"{min(values):.1f}-{max(values):.1f}",
             f"{median / bare:.2f}x",
+            f"{median / bare_batched:.2f}x",
             f"{statistics.median(cpu[name]):.2f}",
             f"{statistics.median(main_thread[name]):.2f}",
         )

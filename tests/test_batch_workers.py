@@ -99,14 +99,15 @@ def test_a_bug_while_writing_is_raised_with_its_traceback(tmp_path: Path) -> Non
     job = check_job(
         "referring", [tmp_path / "in"], TEXTS, model="vlt-shapes", out_dir=tmp_path / "o", device="cpu"
     )
-    infer = referrer.infer
+    infer_many = referrer.infer_many
 
     def broken(*args, **kwargs):
-        pending = infer(*args, **kwargs)
-        pending.texts = None  # finish() zips texts with masks: a TypeError in the worker
+        pending = infer_many(*args, **kwargs)
+        for one in pending:
+            one.texts = None  # finish() zips texts with masks: a TypeError in the worker
         return pending
 
-    referrer.infer = broken
+    referrer.infer_many = broken
     with pytest.raises(RuntimeError, match="TypeError"):
         run_batch(referrer, job, write_processes=True)
 
@@ -129,3 +130,33 @@ def test_stopping_serves_queued_writes_and_skips_queued_decoding(tmp_path: Path)
     worker.stop()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d-first", "w-1", "w-3"]
     assert not worker._process.is_alive() and first.index == 0
+
+
+@pytest.mark.skipif(not can_fork(), reason="worker processes need fork (Linux)")
+def test_many_large_requests_and_answers_never_deadlock() -> None:
+    """Requests sent without reading answers, both larger than the pipes hold: the parent must read
+    answers before its sends could block (else parent and worker each wait on a full pipe for good)."""
+    import threading
+
+    from langseg.batch.workers import _ForkedWorker
+
+    def serve(payload: bytes) -> bytes:
+        return payload * 3  # answers larger than requests
+
+    worker = _ForkedWorker(serve)
+    payloads = [bytes([i]) * 300_000 for i in range(24)]  # 7.2 MB of requests, 21.6 MB of answers
+    answers: list[bytes] = []
+
+    def run() -> None:
+        handles = [worker.submit(p) for p in payloads]  # nothing read on purpose
+        answers.extend(h.result() for h in handles)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=60)
+    try:
+        assert not thread.is_alive(), "deadlock: parent and worker both blocked on full pipes"
+        assert answers == [p * 3 for p in payloads]
+    finally:
+        if not thread.is_alive():
+            worker.stop()

@@ -298,20 +298,21 @@ def test_an_interrupted_run_leaves_only_complete_files(tmp_path, monkeypatch) ->
     for i in range(6):
         Image.fromarray(scene(i)).save(folder / f"{i}.png")
     referrer = langseg.load("vlt-shapes")
-    infer, calls = referrer.infer, []
+    infer_many, calls = referrer.infer_many, []
 
     def interrupted(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 4:
+        if len(calls) == 2:
             raise KeyboardInterrupt
-        return infer(*args, **kwargs)
+        return infer_many(*args, **kwargs)
 
-    monkeypatch.setattr(referrer, "infer", interrupted)
+    monkeypatch.setattr(referrer, "infer_many", interrupted)
     job = check_job("referring", [folder], TEXTS, model="vlt-shapes", out_dir=tmp_path / "o", device="cpu")
     with pytest.raises(KeyboardInterrupt):
-        run_batch(referrer, job)
+        run_batch(referrer, job, batch_size=3)
     names = sorted(p.name for p in (tmp_path / "o").iterdir())
-    # The three images computed before the interrupt are written whole; nothing else, no temporary file.
+    # The batch of three images computed before the interrupt is written whole; nothing else, no
+    # temporary file.
     assert names == sorted(f"{i}{s}" for i in range(3) for s in (".overlay.png", ".mask.png", ".json"))
     for i in range(3):
         assert json.loads((tmp_path / "o" / f"{i}.json").read_text())["texts"] == TEXTS

@@ -210,3 +210,35 @@ def test_checkpoint_round_trip_through_the_hub(tmp_path: Path) -> None:
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(BadDataError, match="tokenizer"):
         langseg.load(folder)
+
+
+def test_infer_many_batches_images_and_matches_infer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped vlt-shapes network: images go through encode_image up to max_batch at a time and
+    decode as image-expression pairs; every image's logits equal its own infer()'s (to batched-kernel
+    rounding), masks identical; the image set before stays set."""
+    from langseg.data import ShapeWorldConfig, render_scene
+
+    referrer = langseg.load("vlt-shapes")
+    texts = ["the large circle on the left", "the red square", "the blue shape"]
+    sizes = [96, 128, 64, 128, 80]  # letterboxed to one input size: any sizes batch together
+    images = [
+        render_scene(
+            seed=91, index=i, config=ShapeWorldConfig(size=s, background=("plain", "noise", "texture")[i % 3])
+        ).image
+        for i, s in enumerate(sizes)
+    ]
+    prepared = [referrer.prepare(image) for image in images]
+    alone = [referrer.infer(p, texts, keep_scores=True) for p in prepared]
+    referrer.set_image(images[0])
+    batches: list[int] = []
+    encode = referrer.model.encode_image
+    monkeypatch.setattr(referrer.model, "encode_image", lambda x: batches.append(x.shape[0]) or encode(x))
+    together = referrer.infer_many(prepared, texts, keep_scores=True, max_batch=2)
+    assert batches == [2, 2, 1]
+    for one, many, image in zip(alone, together, images, strict=True):
+        assert many.image is image and many.texts == one.texts and many.placement == one.placement
+        assert many.logits.shape == one.logits.shape == (3, *one.logits.shape[1:])
+        torch.testing.assert_close(many.logits, one.logits, atol=1e-4, rtol=1e-4)
+        for a, b in zip(Referrer.finish(many), Referrer.finish(one), strict=True):
+            np.testing.assert_array_equal(a.mask, b.mask)
+    assert referrer.image is images[0]

@@ -30,6 +30,7 @@ import pickle
 import signal
 import sys
 import traceback
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -250,9 +251,18 @@ class _ForkedWorker:
         results.close()
         self._sent = self._done = 0  # requests sent, results received
         self._received: dict[int, bytes] = {}  # results not yet asked for, by request number
+        self._capacity = _pipe_size(self._requests.fileno())
+        self._unanswered: deque[int] = deque()  # bytes of each request sent and not yet answered
 
     def submit(self, payload: bytes) -> _Handle:
+        # Never block on a full request pipe: the child may be blocked on a full result pipe that only
+        # we can empty (a deadlock: seen with batches of large lseg-shapes results). Requests not yet
+        # answered may still sit in the pipe, so before their bytes could overflow it, read results.
+        size = len(payload) + 16  # the length header, generously
+        while self._unanswered and sum(self._unanswered) + size > self._capacity:
+            self._receive()
         self._requests.send_bytes(payload)
+        self._unanswered.append(size)
         self._sent += 1
         return _Handle(self, self._sent - 1)
 
@@ -267,6 +277,7 @@ class _ForkedWorker:
             raise RuntimeError(f"a batch worker process failed:\n{value}")
         self._received[self._done] = value
         self._done += 1
+        self._unanswered.popleft()
 
     def stop(self) -> None:
         """End the process once it has served the requests sent, the droppable ones skipped."""
@@ -314,6 +325,14 @@ class _Unpacked:
 
     def result(self) -> Any:
         return self.unpack(self.handle.result())
+
+
+def _pipe_size(fd: int) -> int:
+    """The capacity of pipe ``fd`` in bytes (Linux; 64 KiB, the usual default, where it cannot say)."""
+    try:
+        return int(fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ))  # type: ignore[attr-defined]
+    except (OSError, AttributeError):
+        return 1 << 16
 
 
 def _widen(fd: int, size: int = 1 << 20) -> None:

@@ -220,6 +220,7 @@ class DType(str, Enum):
 IMAGES_HELP = "Image files, folders (their images, not recursive) or quoted globs such as 'scenes/*.png'."
 OUT_HELP = "Folder for the outputs: STEM.overlay.png, STEM.mask.png (palette PNG) and STEM.json per image."
 FORMAT_HELP = "png: overlay and mask; json: the JSON sidecar (areas, scores, COCO RLE masks); both."
+BATCH_HELP = "Images per network call (same-sized inputs; plans with sliding windows run one by one)."
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps."
 
 
@@ -263,11 +264,14 @@ def segment(
     background_threshold: float | None = typer.Option(
         None, "--background-threshold", help="Pixels less sure than this go to 'background'/'other'."
     ),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help=BATCH_HELP),
 ) -> None:
     """Segment images into free-text labels: an overlay with a legend, a palette mask and a JSON each."""
     prompts = read_labels(labels)
     options = {"model": model, "weights": weights, "device": device, "options": {"dtype": dtype.value}}
-    _run_images("semantic", images, prompts, out, fmt.value, overwrite, background_threshold, **options)
+    _run_images(
+        "semantic", images, prompts, out, fmt.value, overwrite, background_threshold, batch_size, **options
+    )
 
 
 @app.command()
@@ -285,10 +289,11 @@ def refer(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that exist already."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     dtype: DType = typer.Option(DType.float32, "--dtype", help="Weights dtype."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help=BATCH_HELP),
 ) -> None:
     """Segment the objects expressions describe: each expression's mask in its own colour per image."""
     options = {"model": model, "weights": weights, "device": device, "options": {"dtype": dtype.value}}
-    _run_images("referring", images, list(texts), out, fmt.value, overwrite, None, **options)
+    _run_images("referring", images, list(texts), out, fmt.value, overwrite, None, batch_size, **options)
 
 
 def _run_images(
@@ -299,6 +304,7 @@ def _run_images(
     fmt: str,
     overwrite: bool,
     background_threshold: float | None,
+    batch_size: int,
     **model: Any,
 ) -> None:
     """Check everything, load the model (with a status line), run the batch, print the summary; exit
@@ -311,7 +317,7 @@ def _run_images(
     )  # fmt: skip
     with err_console.status(f"loading {job.model} on {job.device}", spinner="dots"):
         predictor = load_predictor(job)
-    summary = run_batch(predictor, job, console=err_console)
+    summary = run_batch(predictor, job, console=err_console, batch_size=batch_size)
     if len(summary.written) == 1:
         table = Table("expression" if task == "referring" else "label", "area", "score")
         for name, share, score in summary.areas[summary.written[0]]:
