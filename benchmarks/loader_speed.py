@@ -183,9 +183,14 @@ def main() -> None:
             "voc2012": ("voc", {"split": "trainval"}),
             "pascal-context-59": ("ctx", {"split": "val"}),
             "coco-stuff-171": ("stuff", {"split": "val"}),
-            "pascal-5i": ("voc", {"split": "val", "fold": 0}),
-            "coco-20i": ("coco", {"split": "val", "fold": 0, "min_pixels": 1}),
-            "fss1000": ("fss", {"split": "all"}),
+            # The raw few-shot loaders (original sizes, every pair once), as the table was measured; the
+            # registered names default to LSeg's zero-shot protocol (480 x 480, 1000 episodes).
+            "pascal-5i": ("voc", {"split": "val", "fold": 0, "size": None, "episodes": None}),
+            "coco-20i": (
+                "coco",
+                {"split": "val", "fold": 0, "min_pixels": 1, "size": None, "episodes": None},
+            ),
+            "fss1000": ("fss", {"split": "all", "size": None}),
             "refcoco": ("refer", {"split": "testA"}),
         }
         for name, (folder, kwargs) in runs.items():

@@ -90,7 +90,9 @@ def test_fewshot_and_referring_through_build_dataset(tmp_path: Path) -> None:
         "refcoco+": build("refcoco+", tmp_path / "refer", split="testB"),
         "refcocog": build("refcocog", tmp_path / "refer", split="val"),
     }
-    sizes = {"pascal-5i": 2, "coco-20i": 2, "fss1000": 4, "refcoco": 3, "refcoco+": 1, "refcocog": 3}
+    # The few-shot names default to LSeg's zero-shot protocol: HSNet's 1000 test episodes (PASCAL-5i
+    # cycling through its 2 pairs, COCO-20i drawing from its 2), every FSS-1000 image, all at 480 x 480.
+    sizes = {"pascal-5i": 1000, "coco-20i": 1000, "fss1000": 4, "refcoco": 3, "refcoco+": 1, "refcocog": 3}
     for name, data in datasets.items():
         assert len(data) == sizes[name], name
         batch = next(iter(DataLoader(data, batch_size=1, collate_fn=collate)))
@@ -98,6 +100,7 @@ def test_fewshot_and_referring_through_build_dataset(tmp_path: Path) -> None:
             assert batch["mask"].dtype == torch.bool and isinstance(batch["text"][0], str)
         else:
             assert batch["mask"].dtype == torch.int64 and batch["labels"][0][0] == "others"
+            assert batch["image"].shape[-2:] == batch["mask"].shape[-2:] == (480, 480)
         assert batch["meta"][0]["dataset"] == name
         pickle.loads(pickle.dumps(data))
 

@@ -86,13 +86,16 @@ def test_eval_pascal5i_with_an_lseg_folder(tmp_path: Path, monkeypatch, capsys) 
     config = load_config(None, ["task=lseg-semantic", "model=lseg-tiny", f"model_kwargs={{text: {TEXT}}}"])
     folder = build_lseg_semantic(config).module.export(tmp_path / "lseg")
     out = tmp_path / "scores.json"
-    args = ["eval", str(folder), "--data", "pascal-5i", "--root", str(root), "--data-arg", "fold=0"]
+    # 64 x 64 and every pair once keep the tiny LSeg quick (the default is 480 x 480, 1000 episodes).
+    settings = {"fold": 0, "size": 64, "episodes": None}
+    args = ["eval", str(folder), "--data", "pascal-5i", "--root", str(root), "--fold", "0"]
+    args += ["--data-arg", "size=64", "--data-arg", "episodes=null"]
     code, stdout, stderr = run_cli(monkeypatch, capsys, *args, "--out", str(out))
     assert code == 0, stderr
     assert "FB-IoU" in stdout
     scores = json.loads(out.read_text())
 
-    dataset = build_dataset("pascal-5i", {"root": str(root), "fold": 0})
+    dataset = build_dataset("pascal-5i", {"root": str(root), **settings})
     segmenter = langseg.load(folder)
     literal = FewShotMetrics()
     for i in range(len(dataset)):

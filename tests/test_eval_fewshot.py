@@ -1,5 +1,10 @@
-"""The few-shot protocol end to end (``langseg eval --data pascal-5i / fss1000``) on the tiny real-layout
-fixtures of test_data_fewshot.py, with hand-made predictors whose scores are worked out by hand."""
+"""The few-shot scoring end to end (``langseg eval --data pascal-5i / fss1000``) on the tiny real-layout
+fixtures of test_data_fewshot.py, with hand-made predictors whose scores are worked out by hand.
+
+The hand counts are for the fixtures' own 24 x 32 pixels and every pair once, so these tests pass
+``RAW`` (no 480 x 480 resizing, no 1000 episodes); test_fewshot_protocol.py checks the published
+protocol the registered names default to.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,10 @@ from tests.test_cli import run_cli
 from tests.test_data_fewshot import write_fss, write_hsnet_pascal_lists, write_pascal
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+# The registered datasets' protocol settings switched off (see the module docstring).
+RAW = {"size": None, "episodes": None}
+RAW_ARGS = ["--data-arg", "size=null", "--data-arg", "episodes=null"]
 
 
 @dataclass
@@ -88,7 +97,7 @@ FSS = {
 
 @pytest.mark.parametrize("rule", sorted(PASCAL))
 def test_pascal5i_fold0_scores_through_the_python_api(tmp_path: Path, rule: str) -> None:
-    dataset = build_dataset("pascal-5i", {"root": str(pascal_root(tmp_path)), "fold": 0})
+    dataset = build_dataset("pascal-5i", {"root": str(pascal_root(tmp_path)), "fold": 0, **RAW})
     assert [item[1] for item in dataset.items] == [1, 3]  # type: ignore[attr-defined]
     scores = evaluate(MaskPredictor(rule, dataset), dataset, progress=False)
     assert scores == pytest.approx(PASCAL[rule], abs=1e-12)
@@ -96,14 +105,14 @@ def test_pascal5i_fold0_scores_through_the_python_api(tmp_path: Path, rule: str)
 
 @pytest.mark.parametrize("rule", sorted(FSS))
 def test_fss1000_scores_through_the_python_api(tmp_path: Path, rule: str) -> None:
-    dataset = build_dataset("fss1000", {"root": str(fss_root(tmp_path)), "split": "test"})
+    dataset = build_dataset("fss1000", {"root": str(fss_root(tmp_path)), "split": "test", "size": None})
     assert len(dataset) == 8  # type: ignore[arg-type]
     scores = evaluate(MaskPredictor(rule, dataset), dataset, progress=False)
     assert scores == pytest.approx(FSS[rule], abs=1e-12)
 
 
 def test_limit_scores_the_first_samples_only(tmp_path: Path) -> None:
-    dataset = build_dataset("pascal-5i", {"root": str(pascal_root(tmp_path)), "fold": 0})
+    dataset = build_dataset("pascal-5i", {"root": str(pascal_root(tmp_path)), "fold": 0, **RAW})
     scores = evaluate(MaskPredictor("class"), dataset, limit=1, progress=False)
     # The aeroplane sample alone: fg IoU 368 / 736, bg IoU 0.
     assert scores == pytest.approx({"mIoU": 0.5, "FB-IoU": 0.25, "classes": 1.0})
@@ -112,8 +121,8 @@ def test_limit_scores_the_first_samples_only(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("data", "root", "args", "expected"),
     [
-        ("pascal-5i", pascal_root, ["--data-arg", "fold=0"], PASCAL),
-        ("fss1000", fss_root, ["--split", "test"], FSS),
+        ("pascal-5i", pascal_root, ["--data-arg", "fold=0", *RAW_ARGS], PASCAL),
+        ("fss1000", fss_root, ["--split", "test", "--data-arg", "size=null"], FSS),
     ],
 )
 def test_langseg_eval_scores_fewshot_benchmarks(
@@ -121,7 +130,10 @@ def test_langseg_eval_scores_fewshot_benchmarks(
 ) -> None:
     folder = root(tmp_path)
     dataset = build_dataset(
-        data, {"root": str(folder), "fold": 0} if data == "pascal-5i" else {"root": str(folder)}
+        data,
+        {"root": str(folder), "fold": 0, **RAW}
+        if data == "pascal-5i"
+        else {"root": str(folder), "size": None},
     )
     for rule in ("truth", "others"):
         loaded: list[str] = []

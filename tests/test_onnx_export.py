@@ -1,8 +1,9 @@
 """ONNX export: every graph against PyTorch (fp32, 1e-4), masks of the onnxruntime predictor against the
 PyTorch predictor, the exporter each family uses, the legacy fallback, and the error cases.
 
-Models: the shipped ``lseg-shapes`` and ``vlt-shapes`` (trained, small) and a tiny random-weight NACLIP
-(an open_clip ViT registered from a JSON file, as in test_dense_clip_predict.py). Each is exported once
+Models: the shipped ``lseg-shapes`` and ``vlt-shapes`` (trained, small), a tiny random-weight NACLIP
+(an open_clip ViT registered from a JSON file, as in test_dense_clip_predict.py), and a tiny
+random-weight ResNet LSeg registered as ``lseg-zs-rn101`` (its image graph only). Each is exported once
 per module (export takes tens of seconds on a busy CPU); ``vlt-shapes`` through the command line.
 """
 
@@ -22,7 +23,13 @@ import langseg
 from langseg.data.shapes import ShapeWorldConfig, render_scene
 from langseg.errors import BadConfigError, BadDataError, MissingWeightsError, OutputError
 from langseg.export import export_onnx, onnx_io, read_manifest
-from langseg.export.graphs import ClassifyGraph, GraphSpec
+from langseg.export.graphs import (
+    RESNET_DEFAULT_GRID,
+    ClassifyGraph,
+    GraphSpec,
+    patch_and_native_grid,
+    segmenter_graphs,
+)
 from langseg.export.onnx_io import export_graph, session
 from tests.test_cli import run_cli
 
@@ -205,6 +212,60 @@ def test_vlt_onnx_predictor_gives_the_same_masks(vlt) -> None:
     assert any(r.mask.any() for r in got)
     single = onnx_ref.refer(image, "the large red circle")
     np.testing.assert_array_equal(single.mask, expected[0].mask)
+
+
+def tiny_zero_shot_rn_folder(folder: Path) -> Path:
+    """A langseg folder registered as ``lseg-zs-rn101`` whose network is a tiny ResNet one: a timm
+    ``resnet26`` cut to one bottleneck per stage, 8-64 wide (stage outputs 32-256), a 16-wide DPT and
+    the tiny text tower. Same code path as the real ResNet-101 (TimmResNetTower, no reassembly), random
+    weights and BatchNorm statistics so that every tensor counts."""
+    from langseg.hub import save_checkpoint
+    from langseg.models.lseg import TEXT_ENCODER_CONFIGS, LSeg, LSegNet
+    from langseg.models.text import ClipTextEncoder
+
+    torch.manual_seed(0)
+    resnet = {"channels": [8, 16, 32, 64], "stem_width": 8, "layers": [1, 1, 1, 1]}
+    kwargs = {"backbone": "resnet26", "encoder": "resnet", "vit_kwargs": resnet,
+              "widths": [32, 64, 128, 256], "features": 16, "embed_dim": 32}  # fmt: skip
+    # One text layer over 8 positions (as lseg-shapes' tower): the text graph is not what is new here.
+    text_cfg = {"context_length": 8, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+    text_kwargs = {**TEXT_ENCODER_CONFIGS["lseg-tiny"], "text_cfg": text_cfg}
+    model = LSeg(LSegNet(**kwargs), ClipTextEncoder(**text_kwargs))
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_var"):
+                buffer.uniform_(0.5, 1.5)
+            elif name.endswith("running_mean"):
+                buffer.normal_(0.0, 0.1)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    config = {"format": "langseg", "model": "lseg-zs-rn101", "family": "lseg", "variant": "lseg-zs-rn101",
+              "kwargs": kwargs, "text_encoder": {"kwargs": text_kwargs}}  # fmt: skip
+    return save_checkpoint({k: v.contiguous() for k, v in model.state_dict().items()}, folder, config)
+
+
+def test_zero_shot_resnet_image_graph_matches_pytorch_at_two_sizes(tmp_path) -> None:
+    """The image graph of an ``lseg-zs-rn101`` network (a ResNet tower: no ViT, no position embeddings;
+    what is new for export): traced at the ResNet's default grid plus one, any multiple of 32 afterwards,
+    within 1e-4 of PyTorch at two other sizes and batches. Its text and classify graphs are LSeg's
+    (covered by the lseg-shapes tests), and the runtime Segmenter reads the preprocessing (ImageNet
+    statistics, padding to 32) from the manifest like any other field."""
+    predictor = langseg.load(tiny_zero_shot_rn_folder(tmp_path / "zs"))
+    assert predictor.preprocess.mean == pytest.approx((0.485, 0.456, 0.406))
+    model = predictor.model.eval()
+    assert patch_and_native_grid(model) == (32, RESNET_DEFAULT_GRID)
+    image = segmenter_graphs(model, predictor.tokenizer(["a", "b", "c", "d", "e"]), 64)[0]
+    assert image.name == "image" and image.example[0].shape[-2:] == (32 * 16, 32 * 18)
+    entry = export_graph(image, tmp_path, 18)
+    assert entry["exporter"] == "dynamo" and entry["fallback_reason"] is None
+    assert entry["inputs"]["images"]["shape"] == ["batch", 3, "height", "width"]
+    for shape in ((1, 3, 64, 96), (2, 3, 96, 64)):
+        images = torch.randn(shape, generator=torch.Generator().manual_seed(shape[2]))
+        with torch.no_grad():
+            expected = model.encode_image(images).numpy()
+        got = run(tmp_path, "image", images=images)
+        assert got.shape == (shape[0], 32, shape[2] // 2, shape[3] // 2)
+        np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
 
 
 # ------------------------------------------------------------------------------- the fallback

@@ -12,7 +12,9 @@ An *evaluator* has one contract, ``evaluator(predict, batches) -> metric``:
 :func:`run_evaluator` runs one and sums its metric over the ``torch.distributed`` ranks. Two callers:
 
 - :func:`evaluate` (``langseg eval``): a per-image predictor (``Segmenter`` / ``Referrer``) on a raw
-  dataset, one sample at a time at its original size, as the papers evaluate; each ``torchrun`` rank
+  dataset, one sample at a time at the size the dataset gives (the original image for the semantic and
+  referring benchmarks; 480 x 480 for the few-shot ones, as LSeg's zero-shot protocol squashes every
+  query, see :mod:`langseg.data.fewshot_protocol`), as the papers evaluate; each ``torchrun`` rank
   takes every ``world_size``-th sample, so N processes give exactly the single-process scores;
 - :func:`langseg.train.engine.evaluate`: a train module's ``predict`` on DataLoader batches (periodic
   validation).
@@ -162,7 +164,7 @@ def predict_fn(predictor: Any, evaluator: Evaluator) -> Predict:
 
     Semantic: ``predictor.segment(image, labels).mask`` with the evaluator's class names; few-shot: the
     same with each sample's own ``["others", class]``; referring: ``predictor.refer(image, text).mask``.
-    Images are the datasets' ``uint8`` ones, at their original size; masks come back at that size.
+    Images are the datasets' ``uint8`` ones, at the size the dataset gives; masks come back at that size.
 
     Raises:
         BadConfigError: the predictor cannot do what the dataset asks (no ``segment`` / ``refer``).

@@ -15,9 +15,12 @@ The official Lightning module keeps the network in ``self.net``, so its ``state_
 The zero-shot networks (``lseg_net_zs.py``, trained by ``train_lseg_zs.py`` with ``--nshot 0``) hold the
 same keys, except that the ResNet-101 one (``clip_resnet101``) has a torchvision ResNet-101 split into
 ``net.pretrained.layer1`` (``Sequential(conv1, bn1, relu, maxpool, layer1)``: indices 0, 1 and 4 hold
-weights) and ``net.pretrained.layer2..4`` instead of the ViT and its ``act_postprocess`` blocks. Their
-hyper-parameters carry the few-shot options (``nshot``, ``fold``), which is how a ViT-L/16 zero-shot
-checkpoint (whose keys are those of the semantic one) is told apart.
+weights) and ``net.pretrained.layer2..4`` instead of the ViT and its ``act_postprocess`` blocks. A
+zero-shot ViT-L/16 checkpoint has the semantic one's keys: only hyper-parameters holding the few-shot
+options (``nshot``, ``fold``) tell it apart. The official Lightning modules never call
+``save_hyperparameters()`` (PL 1.4.9 then saves none), so the released files probably carry none and
+``fss_l16`` needs ``variant="lseg-zs-vitl16"``; without it, it converts as ``lseg-vitl16-384``, the same
+network under the semantic name (identical scores).
 
 Its logit scale is ``exp(log(1/0.07))`` held as a plain tensor attribute, so it is *not* in the
 checkpoint; we set our learnable ``logit_scale`` to that value. Every official key is either mapped or

@@ -15,6 +15,10 @@ shipped with langseg; see docs/data.md for where they come from. Without them PA
 *derive* the pairs from the annotations (every image where the class covers ``min_pixels``, PFENet's
 2 x 32 x 32 filter) with a warning: close to, but not the same as, the published protocol.
 ``meta["protocol"]`` says which was used.
+
+The classes read the benchmarks as they are by default (original sizes, every pair once, readable
+names); ``size``, ``episodes`` and ``label_style`` give the published zero-shot protocol instead, which
+the registered names default to (:mod:`langseg.data.fewshot_protocol` says what it is and why).
 """
 
 from __future__ import annotations
@@ -32,6 +36,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from langseg.data.annotations import entry_field, read_json, read_text, short
+from langseg.data.fewshot_protocol import (
+    Episodes,
+    check_size,
+    episode_count,
+    hsnet_coco_episodes,
+    resize_square,
+)
 from langseg.data.refcoco import decode_segmentation, load_plain_pickle
 from langseg.data.semantic_datasets import (
     DOCS,
@@ -111,6 +122,7 @@ class _BinaryDataset(Dataset):
     names: list[str]  # display name per 1-based class id - 1
     items: list[tuple[str, int]]  # (image key, 1-based class id)
     transform: Transform | None
+    size: int | None = None  # square side every sample is resized to (HSNet's 480), or None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -127,9 +139,12 @@ class _BinaryDataset(Dataset):
                 f"{image.shape[2]}x{image.shape[1]}",
                 hint="The image and annotation files are from different releases; re-extract both.",
             )
+        height, width = mask.shape
+        if self.size is not None:
+            image, mask = resize_square(image, mask, self.size)
         name = self.names[class_id - 1]
         meta = {"dataset": self.dataset, "split": self.split, "fold": self.fold, "class_id": class_id}
-        meta.update(class_name=name, stem=Path(key).stem, protocol=self.protocol)
+        meta.update(class_name=name, stem=Path(key).stem, protocol=self.protocol, image_size=(height, width))
         mask_t = torch.from_numpy(mask.astype(np.int64))
         sample = {"image": image, "mask": mask_t, "labels": [BACKGROUND, name], "meta": meta}
         return self.transform(sample) if self.transform else sample
@@ -161,6 +176,12 @@ class PASCAL5i(_BinaryDataset):
         splits_dir: HSNet's ``data/splits`` folder (default ``root/splits`` if present).
         label_style: ``readable`` ("dining table") or ``lseg`` (VOC's "diningtable", LSeg's prompts).
         min_pixels: class-pixel threshold when deriving pairs without standard lists.
+        size: resize every image and mask to ``size x size`` (:func:`resize_square`, HSNet's 480);
+            ``None`` keeps the original size.
+        episodes: ``None``: every pair once; an int ``n``: ``n`` episodes cycling through the pairs in
+            list order, as HSNet's test loader does (``idx % len``: with its 1000 episodes and fold 0's
+            346 pairs, the first 308 pairs are scored three times, the rest twice); ``"hsnet"``: 1000
+            for ``val``/``test``, every pair once for ``train``.
     """
 
     def __init__(
@@ -172,9 +193,13 @@ class PASCAL5i(_BinaryDataset):
         label_style: LabelStyle = "readable",
         min_pixels: int = MIN_PIXELS,
         transform: Transform | None = None,
+        size: int | None = None,
+        episodes: Episodes = None,
     ) -> None:
         kind = _split_kind(split, "pascal-5i")
         _check_style(label_style)
+        check_size(size)
+        count = episode_count(episodes, kind)
         test_classes = fold_classes("pascal-5i", fold)
         classes = test_classes if kind == "val" else [c for c in range(1, 21) if c not in test_classes]
         voc = find_voc(root, "2012", PASCAL_HINT)
@@ -182,6 +207,7 @@ class PASCAL5i(_BinaryDataset):
         self.masks = aug if aug.is_dir() else find_dir(voc, ["SegmentationClass"], "VOC masks", PASCAL_HINT)
         self.images = voc / "JPEGImages"
         self.dataset, self.split, self.fold, self.transform = "pascal-5i", _PUBLIC[kind], fold, transform
+        self.size = size
         names = class_names("voc-21")[1:]
         self.names = [n.replace(" ", "") for n in names] if label_style == "lseg" else names
         lists = _splits_dir(Path(root).expanduser(), splits_dir)
@@ -196,6 +222,8 @@ class PASCAL5i(_BinaryDataset):
             self.protocol = "derived"
         if not self.items:
             raise BadDataError(f"pascal-5i {kind} fold {fold} has no (image, class) pairs", hint=PASCAL_HINT)
+        if count is not None:
+            self.items = [self.items[i % len(self.items)] for i in range(count)]
         require_all(self.images, sorted({f"{s}.jpg" for s, _ in self.items}), "PASCAL-5i images", PASCAL_HINT)
         require_all(self.masks, sorted({f"{s}.png" for s, _ in self.items}), "PASCAL-5i masks", PASCAL_HINT)
 
@@ -256,8 +284,14 @@ class COCO20i(_BinaryDataset):
         splits_dir: HSNet's ``data/splits`` (default ``root/splits`` if present).
         label_style: ``readable`` ("traffic light") or ``lseg`` ("trafficlight", "motorbike", ...).
         min_pixels: class area threshold when deriving pairs (annotation areas summed).
-        episodes: if set, that many (image, class) pairs sampled as HSNet does (class uniformly, then an
-            image of it), seeded by ``seed``; by default every pair once.
+        size: resize every image and mask to ``size x size`` (:func:`resize_square`, HSNet's 480);
+            ``None`` keeps the original size.
+        episodes: ``None``: every pair once; an int ``n``: ``n`` (image, class) pairs drawn as HSNet's
+            ``DatasetCOCO.load_frame`` draws them (a class uniformly, then one of its images, each with
+            ``np.random.choice(..., 1, replace=False)``) from ``np.random.RandomState(seed)``: with the
+            standard lists and ``seed=0`` (``fix_randseed(0)`` in ``test_lseg_zs.py``), the very
+            episodes of the published numbers; ``"hsnet"``: 1000 for ``val``/``test``, every pair once
+            for ``train``.
     """
 
     def __init__(
@@ -268,12 +302,15 @@ class COCO20i(_BinaryDataset):
         splits_dir: str | os.PathLike | None = None,
         label_style: LabelStyle = "readable",
         min_pixels: int = MIN_PIXELS,
-        episodes: int | None = None,
+        episodes: Episodes = None,
         seed: int = 0,
         transform: Transform | None = None,
+        size: int | None = None,
     ) -> None:
         kind = _split_kind(split, "coco-20i")
         _check_style(label_style)
+        check_size(size)
+        count = episode_count(episodes, kind)
         test_classes = fold_classes("coco-20i", fold)
         classes = test_classes if kind == "val" else [c for c in range(1, 81) if c not in test_classes]
         base = check_root(root, COCO_HINT)
@@ -281,6 +318,7 @@ class COCO20i(_BinaryDataset):
         coco_split = "val2014" if kind == "val" else "train2014"
         self.images = find_dir(base, [coco_split, f"images/{coco_split}"], "COCO 2014 images", COCO_HINT)
         self.dataset, self.split, self.fold, self.transform = "coco-20i", _PUBLIC[kind], fold, transform
+        self.size = size
         names = class_names("coco-80")
         lseg_names = [_LSEG_COCO.get(n, n).replace(" ", "") for n in names]
         self.names = lseg_names if label_style == "lseg" else names
@@ -309,11 +347,8 @@ class COCO20i(_BinaryDataset):
             _derived_warning("coco-20i")
             self.protocol = "derived"
         self.items = [(name, c) for c in sorted(pairs) for name in pairs[c]]
-        if episodes is not None:
-            rng = np.random.default_rng(seed)
-            usable = [c for c in sorted(pairs) if pairs[c]]
-            picks = (usable[i] for i in rng.integers(len(usable), size=episodes)) if usable else iter(())
-            self.items = [(pairs[c][rng.integers(len(pairs[c]))], c) for c in picks]
+        if count is not None:
+            self.items = hsnet_coco_episodes(pairs, count, seed)
         if not self.items:
             raise BadDataError(f"coco-20i {kind} fold {fold} has no (image, class) pairs", hint=COCO_HINT)
         require_all(self.images, sorted({n for n, _ in self.items}), "COCO-20i images", COCO_HINT)
@@ -417,6 +452,10 @@ class FSS1000(_BinaryDataset):
         split: ``test``, ``val`` or ``train`` (needs the split lists) or ``all`` (every class folder).
         splits_dir: HSNet's ``data/splits`` (default ``root/splits`` if present).
         label_style: ``readable`` (folder name, ``_`` -> space) or ``lseg`` (the folder name verbatim).
+        size: resize every image and mask to ``size x size`` (:func:`resize_square`, HSNet's 480);
+            ``None`` keeps the original size (224 x 224 for FSS-1000 itself).
+
+    Every image of every class is one episode (HSNet's zero-shot test: 240 x 10 = 2400).
     """
 
     def __init__(
@@ -426,11 +465,13 @@ class FSS1000(_BinaryDataset):
         splits_dir: str | os.PathLike | None = None,
         label_style: LabelStyle = "readable",
         transform: Transform | None = None,
+        size: int | None = None,
     ) -> None:
         kinds = {"train": "trn", "trn": "trn", "val": "val", "test": "test", "all": "all"}
         if split not in kinds:
             raise BadConfigError(f"unknown split {split!r} for fss1000", hint="Valid: train, val, test, all.")
         _check_style(label_style)
+        check_size(size)
         given = check_root(root, FSS_HINT)
         base = next((given / s for s in ("FSS-1000", "fewshot_data") if (given / s).is_dir()), given)
         kind = kinds[split]
@@ -447,7 +488,7 @@ class FSS1000(_BinaryDataset):
             raise BadDataError(f"no FSS-1000 class folders under {base}", hint=FSS_HINT)
         require_all(base, categories, "FSS-1000 class folders", FSS_HINT)
         self.base, self.dataset, self.split, self.transform = base, "fss1000", _PUBLIC[kind], transform
-        self.fold = None
+        self.fold, self.size = None, size
         self.protocol = "all" if kind == "all" else "standard"
         self.names = categories if label_style == "lseg" else [c.replace("_", " ") for c in categories]
         self.items = []

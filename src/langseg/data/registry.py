@@ -17,6 +17,7 @@ Datasets come without augmentation; the training engine adds it. This module imp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import os
 from collections.abc import Callable, Mapping
@@ -25,6 +26,7 @@ from typing import Any, Literal
 from torch.utils.data import Dataset
 
 from langseg.data.fewshot_datasets import FSS1000, COCO20i, PASCAL5i
+from langseg.data.fewshot_protocol import LSEG_ZERO_SHOT
 from langseg.data.refcoco import RefCOCO
 from langseg.data.semantic_datasets import ADE20K, VOC2012, COCOStuff, PascalContext
 from langseg.data.shapes import ShapeWorldConfig
@@ -186,9 +188,11 @@ BENCHMARKS: dict[str, DatasetBuilder] = {
     "pascal-context-59": _context59,
     "pascal-context-60": _context60,
     "coco-stuff-171": COCOStuff,
-    "pascal-5i": PASCAL5i,
-    "coco-20i": COCO20i,
-    "fss1000": FSS1000,
+    # The few-shot benchmarks as LSeg's zero-shot protocol reads them (480 x 480, HSNet's episodes, LSeg's
+    # label words: see langseg.data.fewshot_protocol); every setting can still be given.
+    "pascal-5i": functools.partial(PASCAL5i, **LSEG_ZERO_SHOT),
+    "coco-20i": functools.partial(COCO20i, **LSEG_ZERO_SHOT),
+    "fss1000": functools.partial(FSS1000, **{k: v for k, v in LSEG_ZERO_SHOT.items() if k != "episodes"}),
     "refcoco": _refcoco,
     "refcoco+": _refcoco_plus,
     "refcocog": _refcocog,

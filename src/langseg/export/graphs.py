@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from langseg.errors import BadConfigError
+from langseg.models.backbones import TimmResNetTower
 from langseg.models.dense_clip import DenseCLIPModel
 from langseg.models.lseg import LSeg
 from langseg.models.vlt import VLT
@@ -117,11 +118,25 @@ def family_of(model: nn.Module) -> str:
     )
 
 
+# The token grid a ResNet image tower is checked at by default: 480 x 480 images (15 x 15 at stride 32),
+# the input size of the zero-shot LSeg's official evaluation (HSNet's loaders resize to 480 x 480).
+RESNET_DEFAULT_GRID = (15, 15)
+
+
 def patch_and_native_grid(model: nn.Module) -> tuple[int, tuple[int, int]]:
-    """(patch size, the grid of the position embeddings) of an LSeg or dense CLIP image tower."""
+    """(patch size, native grid) of an LSeg or dense CLIP image tower.
+
+    A ViT's native grid is that of its position embeddings (inputs of other sizes resize them, a
+    branch the graph must not specialise on). A ResNet tower (the zero-shot ``lseg-zs-rn101``) has no
+    position embeddings: its "patch" is its deepest stride (32) and any multiple of it is native, so
+    :data:`RESNET_DEFAULT_GRID` stands in.
+    """
     if isinstance(model, LSeg):
-        patch = int(model.net.encoder.patch_size[0])
-        grid = model.net.encoder.vit.patch_embed.grid_size
+        encoder = model.net.encoder
+        patch = int(encoder.patch_size[0])
+        grid = (
+            RESNET_DEFAULT_GRID if isinstance(encoder, TimmResNetTower) else encoder.vit.patch_embed.grid_size
+        )
     else:
         patch = int(model.patch_size[0])
         grid = model.dense.visual.grid_size

@@ -89,7 +89,9 @@ class LSegZeroShot(nn.Module):
         """Binary logits.
 
         Args:
-            images: ``B x 3 x H x W`` normalised images (mean = std = 0.5), H and W multiples of 32.
+            images: ``B x 3 x H x W`` normalised images, H and W multiples of 32: mean = std = 0.5 for
+                the ViT-L/16, ImageNet's mean and std for the ResNet-101 (as the official test feeds
+                each; the registry entries record it). The official protocol uses 480 x 480.
             class_token_ids: ``B x L`` tokens of each image's class name.
             others_token_ids: ``1 x L`` tokens of :data:`OTHERS_PROMPT`.
 
