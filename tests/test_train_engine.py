@@ -104,6 +104,24 @@ def test_gradient_accumulation_equals_one_large_batch(tmp_path: Path) -> None:
     assert not torch.allclose(large.module.state_dict()["head.weight"], initial["head.weight"])
 
 
+def test_channels_last_keeps_its_layout_and_the_same_losses(tmp_path: Path) -> None:
+    common = ("data.scale_range=[1, 1]", "max_steps=6", "log_every=1", "eval_every=3")
+    val = "val_data.kwargs={num_scenes: 4, seed: 1, size: 32, granularity: colour}"
+    runs = {}
+    for layout in ("false", "true"):
+        result = fit(toy_config(tmp_path / layout, *common, val, f"channels_last={layout}"))
+        convs = [p for p in result.module.parameters() if p.dim() == 4 and p.shape[-1] > 1]
+        fmt = torch.channels_last if layout == "true" else torch.contiguous_format
+        # The layout survives six AdamW updates (in-place), and 3x3 weights really were converted.
+        assert convs and all(p.is_contiguous(memory_format=fmt) for p in convs)
+        assert layout == "false" or not any(p.is_contiguous() for p in convs)
+        runs[layout] = [r["loss"] for r in records(tmp_path / layout)] + [
+            r["mIoU"] for r in records(tmp_path / layout, "eval")
+        ]
+    # Same arithmetic in another memory order: equal up to float rounding.
+    np.testing.assert_allclose(runs["true"], runs["false"], rtol=1e-4)
+
+
 def test_resume_mid_epoch_is_bit_identical(tmp_path: Path) -> None:
     # 12 scenes / batch 2 = 6 steps per epoch; 10 steps cross an epoch boundary. Augmentation and
     # dropout are on, so data order, augmentation and RNG state all have to be restored.

@@ -97,7 +97,8 @@ def _world_config(kwargs: dict[str, Any]) -> ShapeWorldConfig:
     if unknown:
         raise BadConfigError(
             f"unknown ShapeWorld setting {unknown[0]!r} in data.kwargs",
-            hint="Valid: num_scenes, seed, backgrounds, render_sizes and the ShapeWorldConfig fields "
+            hint="Valid: num_scenes, seed, backgrounds, render_sizes (hard, per_object: referring) and the "
+            "ShapeWorldConfig fields "
             f"{', '.join(_WORLD_FIELDS)}.",
         )
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}  # YAML lists
@@ -132,10 +133,17 @@ def _shapeworld_referring(
     per_object: int = 3,
     backgrounds: list[str] | None = None,
     render_sizes: list[int] | None = None,
+    hard: bool = False,
     **world: Any,
 ) -> Dataset:
     return ShapeWorldReferring(
-        num_scenes, seed, _world_config(world), per_object, backgrounds=backgrounds, render_sizes=render_sizes
+        num_scenes,
+        seed,
+        _world_config(world),
+        per_object,
+        backgrounds=backgrounds,
+        render_sizes=render_sizes,
+        hard=hard,
     )
 
 

@@ -24,6 +24,7 @@ Each candidate is kept only when exactly one object satisfies it, and it is that
 from __future__ import annotations
 
 import itertools
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +40,8 @@ POSITIONS: dict[str, str] = {
 }
 RELATIONS: dict[str, str] = {"left": "left of", "right": "right of", "above": "above", "below": "below"}
 KINDS: tuple[str, ...] = ("attribute", "position", "relation")
+# The kinds of ShapeWorld-Ref's hard split: the ones that need the rest of the image.
+HARD_KINDS: tuple[str, ...] = ("position", "relation")
 
 Description = tuple[str | None, str | None, str]  # (size, colour, shape); None = word not used
 
@@ -138,15 +141,24 @@ def _shortest_unique_description(obj: ShapeObject, objects: list[ShapeObject]) -
     return None
 
 
-def referring_expressions(scene: Scene, rng: np.random.Generator, per_object: int = 3) -> list[Expression]:
+def referring_expressions(
+    scene: Scene,
+    rng: np.random.Generator,
+    per_object: int = 3,
+    kinds: Collection[str] = KINDS,
+    targets: Collection[int] | None = None,
+) -> list[Expression]:
     """A balanced selection of :func:`all_expressions`.
 
     Per object: one random expression of each available kind (attribute, position, relation), then
-    random extras, up to ``per_object``. Returned sorted by (target, kind, text).
+    random extras, up to ``per_object``. Only expressions of ``kinds`` about objects in ``targets``
+    (``None``: every object) are candidates; the defaults select as before these filters existed.
+    Returned sorted by (target, kind, text).
     """
     by_target: dict[int, dict[str, list[Expression]]] = {}
     for expr in all_expressions(scene):
-        by_target.setdefault(expr.target, {}).setdefault(expr.kind, []).append(expr)
+        if expr.kind in kinds and (targets is None or expr.target in targets):
+            by_target.setdefault(expr.target, {}).setdefault(expr.kind, []).append(expr)
     chosen: list[Expression] = []
     for target in sorted(by_target):
         pools = {kind: sorted(set(exprs), key=lambda e: e.text) for kind, exprs in by_target[target].items()}

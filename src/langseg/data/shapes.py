@@ -72,6 +72,10 @@ class ShapeWorldConfig:
         gap: minimum gap between circumscribed circles of non-overlapping objects, fraction of ``size``.
         exclude_pairs: ``(colour, shape)`` pairs never drawn, e.g. to hold them out for a compositional
             zero-shot split (train without "red circle", test on it; both words were seen).
+        twins: every scene holds at least one pair of objects of the same colour and shape (size, place
+            and rotation drawn as usual), at least 2 objects per scene: the world of ShapeWorld-Ref's
+            ``hard`` split, where only position or relation tells such objects apart. Off by default;
+            when off, scenes are drawn exactly as before the setting existed.
     """
 
     size: int = 256
@@ -85,6 +89,7 @@ class ShapeWorldConfig:
     colour_jitter: int = 12
     gap: float = 0.02
     exclude_pairs: tuple[tuple[str, str], ...] = ()
+    twins: bool = False
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -122,6 +127,11 @@ class ShapeWorldConfig:
             )
         if not 0.0 < self.min_visible <= 1.0:
             raise BadConfigError(f"min_visible must be in (0, 1], got {self.min_visible}")
+        if self.twins and self.max_objects < 2:
+            raise BadConfigError(
+                f"twins needs scenes of 2 or more objects, got max_objects {self.max_objects}",
+                hint="Raise max_objects to 2 or more (the default is 6).",
+            )
         _check_fits(self)
 
 
@@ -141,8 +151,9 @@ def _check_types(config: ShapeWorldConfig) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise bad(name, "a finite number")
-    if not isinstance(config.allow_overlap, bool):
-        raise bad("allow_overlap", "true or false")
+    for name in ("allow_overlap", "twins"):
+        if not isinstance(getattr(config, name), bool):
+            raise bad(name, "true or false")
     if not isinstance(config.background, str):
         raise bad("background", "plain, noise or texture")
     for name in ("shapes", "colours"):
@@ -167,9 +178,10 @@ def _check_fits(config: ShapeWorldConfig) -> None:
     perimeter ``P`` number at most ``2 A / (sqrt(3) d^2) + P / (2 d) + 1``) ``k`` objects need
     ``k <= 2 L^2 / (sqrt(3) d^2) + 2 L / d + 1``.
     """
-    if config.allow_overlap or config.min_objects < 2:
+    k = max(config.min_objects, 2) if config.twins else config.min_objects
+    if config.allow_overlap or k < 2:
         return
-    n, k = config.size, config.min_objects
+    n = config.size
     r = _RADIUS_RANGE["small"][0] * n
     side = n - 2 * r - 4
     d = 2 * r + config.gap * n
@@ -330,8 +342,19 @@ def allowed_pairs(config: ShapeWorldConfig) -> list[tuple[str, str]]:
     return [(c, s) for c in config.colours for s in config.shapes if (c, s) not in excluded]
 
 
-def _sample_object(rng: np.random.Generator, config: ShapeWorldConfig, index: int) -> ShapeObject:
-    if config.exclude_pairs:
+def has_twin(obj: ShapeObject, objects: list[ShapeObject]) -> bool:
+    """Whether another object of ``objects`` has ``obj``'s colour and shape (so no attribute but size
+    can tell them apart)."""
+    return any(o is not obj and o.colour == obj.colour and o.shape == obj.shape for o in objects)
+
+
+def _sample_object(
+    rng: np.random.Generator, config: ShapeWorldConfig, index: int, like: ShapeObject | None = None
+) -> ShapeObject:
+    """A new object (not yet placed); ``like``: take its colour and shape (a twin), draw the rest."""
+    if like is not None:
+        colour, shape = like.colour, like.shape
+    elif config.exclude_pairs:
         colour, shape = allowed_pairs(config)[int(rng.integers(len(allowed_pairs(config))))]
     else:  # two independent draws: the stream every default world was rendered with
         shape = config.shapes[int(rng.integers(len(config.shapes)))]
@@ -382,17 +405,22 @@ def render_scene(seed: int, index: int, config: ShapeWorldConfig | None = None) 
     config = config or ShapeWorldConfig()
     rng = scene_rng(seed, index)
     background = _background(rng, config)
-    count = int(rng.integers(config.min_objects, config.max_objects + 1))
+    # A twins world needs two objects; the count is drawn over the same range otherwise.
+    low = max(config.min_objects, 2) if config.twins else config.min_objects
+    count = int(rng.integers(low, config.max_objects + 1))
     placement_failures = visibility_failures = 0
     while True:  # retries only when placement fails; each retry draws fresh attributes from the same rng
         if placement_failures >= MAX_PLACEMENT_ATTEMPTS or visibility_failures >= MAX_VISIBILITY_ATTEMPTS:
             _give_up(config, seed, index, placement_failures, visibility_failures)
         objects: list[ShapeObject] = []
         for k in range(count):
-            placed = _place(rng, config, _sample_object(rng, config, k), objects)
+            like = _twin_source(config, objects)
+            placed = _place(rng, config, _sample_object(rng, config, k, like), objects)
             if placed is not None:
                 objects.append(placed)
-        if len(objects) < config.min_objects:
+        if len(objects) < config.min_objects or (
+            config.twins and not any(has_twin(o, objects) for o in objects)
+        ):
             placement_failures += 1
             continue
         objects = [replace(o, index=k) for k, o in enumerate(objects)]
@@ -407,6 +435,14 @@ def render_scene(seed: int, index: int, config: ShapeWorldConfig | None = None) 
     objects = [replace(o, area=int(areas[o.index])) for o in objects]
     image = _paint(rng, config, background, instances, objects)
     return Scene(image=image, instances=instances, objects=objects, seed=seed, index=index, config=config)
+
+
+def _twin_source(config: ShapeWorldConfig, placed: list[ShapeObject]) -> ShapeObject | None:
+    """The object the next one copies in a twins world: the first placed one, until some pair exists
+    (so the twin is the second object placed, and a failed placement just moves it one later)."""
+    if not config.twins or not placed or any(has_twin(o, placed) for o in placed):
+        return None
+    return placed[0]
 
 
 def _give_up(config: ShapeWorldConfig, seed: int, index: int, placements: int, visibility: int) -> None:

