@@ -1,7 +1,7 @@
 """langseg's LSeg against the official network code, same random weights, same inputs, one run.
 
     pip install --no-deps openai-clip      # the official code imports OpenAI's `clip` package
-    python benchmarks/lseg_vs_official.py --official PATH/TO/lang-seg [--size 384] [--rounds 7]
+    python benchmarks/lseg_vs_official.py --official PATH/TO/lang-seg [--size 384] [--rounds 7] [--compile]
 
 ``--official`` is a checkout of https://github.com/isl-org/lang-seg (MIT licence): its
 ``modules/models/lseg_net.py`` network is imported from there and run as it is, nothing of it is copied
@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--official", type=Path, required=True, help="a checkout of isl-org/lang-seg")
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--compile", action="store_true", help="add langseg's compile=True float32 network (compiles ~100 s)"
+    )
     args = parser.parse_args()
     if not (args.official / "modules" / "models" / "lseg_net.py").is_file():
         raise SystemExit(f"{args.official} holds no modules/models/lseg_net.py: pass a lang-seg checkout")
@@ -182,6 +185,18 @@ def main() -> None:
             "new image + labels: langseg segment() bf16": lambda i: bf16.segment(images[i], new_labels()),
             "same image, new labels: langseg segment() fp32": lambda i: fp32.segment(labels=new_labels()),
         }
+        compile_seconds = None
+        if args.compile:
+            compiled = lseg_segmenter(
+                langseg_model(official),
+                options=LSegOptions(plan=InferencePlan(), dtype="float32", compile=True),
+            )
+            start = time.perf_counter()
+            compiled.model.encode_image(inputs[0])  # the first call compiles
+            compile_seconds = time.perf_counter() - start
+            calls["image forward: langseg fp32 compiled"] = lambda i: compiled.model.dense_logits(
+                compiled.model.encode_image(inputs[i]), label_embeddings
+            )
         fp32.set_image(images[-1])
         medians = timed_rounds(calls, args.rounds)
 
@@ -200,6 +215,8 @@ def main() -> None:
         f"parity: max |logit difference| {diff:.2e}, argmax agreement {100 * agree:.2f} % "
         "(the official scoring multiplies in fp16)"
     )
+    if compile_seconds is not None:
+        console.print(f"compile=True: the first call (compiling) took {compile_seconds:.0f} s")
     console.print(
         f"load average before {load_before}, after {os.getloadavg()}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; {args.rounds} interleaved rounds after one warm-up round"

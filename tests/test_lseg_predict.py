@@ -269,3 +269,26 @@ def test_cli_convert_lseg_official(tiny, tmp_path, monkeypatch, capsys) -> None:
     assert code == 2 and "error:" in stderr and "Traceback" not in stderr  # the keys disagree
     code, _, stderr = run_cli(monkeypatch, capsys, "convert", "lseg-official", str(tmp_path / "no.ckpt"), "x")
     assert code == 2 and "no checkpoint at" in stderr
+
+
+@pytest.mark.slow
+def test_compiled_image_network_segments_as_eager() -> None:
+    """compile=True: the shipped lseg-shapes through torch.compile (inductor, frozen weights) gives the
+    eager logits to float rounding and the same masks; a non-bool option is refused before loading."""
+    import langseg
+    from langseg.data import ShapeWorldConfig, render_scene
+    from langseg.errors import BadConfigError
+
+    labels = ["red circle", "blue square", "green triangle", "yellow star", "background"]
+    eager, compiled = langseg.load("lseg-shapes"), langseg.load("lseg-shapes", compile=True)
+    assert compiled.model.net.encode_image is not eager.model.net.encode_image
+    for index in range(2):  # the second image reuses the graph compiled for the first
+        image = render_scene(
+            seed=321, index=index, config=ShapeWorldConfig(size=128, background="noise")
+        ).image
+        ours = compiled.infer(compiled.prepare(image), labels, None, True)
+        theirs = eager.infer(eager.prepare(image), labels, None, True)
+        torch.testing.assert_close(ours.logits, theirs.logits, atol=1e-4, rtol=1e-4)
+        np.testing.assert_array_equal(compiled.finish(ours).mask, eager.finish(theirs).mask)
+    with pytest.raises(BadConfigError, match="compile must be True or False"):
+        langseg.load("lseg-shapes", compile="yes")
