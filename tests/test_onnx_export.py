@@ -212,6 +212,13 @@ def test_vlt_onnx_predictor_gives_the_same_masks(vlt) -> None:
     assert any(r.mask.any() for r in got)
     single = onnx_ref.refer(image, "the large red circle")
     np.testing.assert_array_equal(single.mask, expected[0].mask)
+    # A batch (langseg refer's path) runs the one-image graph image by image, with the same masks.
+    images = [image, render_scene(3, 1, ShapeWorldConfig(size=64)).image]
+    batched = onnx_ref.infer_many([onnx_ref.prepare(i) for i in images], EXPRESSIONS, keep_scores=True)
+    for one, pending in zip(images, batched, strict=True):
+        want = torch_ref.refer_all(one, EXPRESSIONS, keep_scores=True)
+        for a, b in zip(onnx_ref.finish(pending), want, strict=True):
+            np.testing.assert_array_equal(a.mask, b.mask)
 
 
 def tiny_zero_shot_rn_folder(folder: Path) -> Path:

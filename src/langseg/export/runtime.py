@@ -101,6 +101,8 @@ class OnnxReferringNetwork(nn.Module):
         input_size: the square input side ``S``; ``max_tokens``: the graph's token axis ``T``.
     """
 
+    images_per_call = 1  # the graph takes one image (its batch axis is the expressions')
+
     def __init__(self, folder: Path, manifest: dict[str, Any], threads: int | None = None) -> None:
         super().__init__()
         graph = manifest["graphs"]["model"]

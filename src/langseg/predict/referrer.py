@@ -304,17 +304,21 @@ class Referrer(Predictor):
         expressions = self.expressions(texts)
         count = len(expressions.texts)
         weight = next(self.model.parameters(), None)  # bf16 weights take bf16 inputs
-        step = max(1, int(max_batch))
+        # A network may take one image per call (an exported ONNX graph: ``images_per_call = 1``).
+        step = max(1, min(int(max_batch), getattr(self.model, "images_per_call", int(max_batch))))
         results: list[ReferringLogits] = []
         for start in range(0, len(images), step):
             chunk = list(images[start : start + step])
             stacked = torch.cat([p.input for p in chunk])
             features = self.model.encode_image(stacked if weight is None else stacked.to(weight.dtype))
             self.image_encodings += len(chunk)
-            # Each image's features once per expression, image-major: pair k is image k // E, text k % E.
-            features = [f.repeat_interleave(count, dim=0) for f in features]
-            ids, mask = expressions.ids.repeat(len(chunk), 1), expressions.mask.repeat(len(chunk), 1)
-            logits = self.model.decode(features, ids, mask).float()[:, 0]
+            if len(chunk) == 1:  # as infer(): one encoding shared by all the expressions
+                logits = self.model.decode(features, expressions.ids, expressions.mask).float()[:, 0]
+            else:
+                # Each image's features once per expression, image-major: pair k is image k // E, text k % E.
+                features = [f.repeat_interleave(count, dim=0) for f in features]
+                ids, mask = expressions.ids.repeat(len(chunk), 1), expressions.mask.repeat(len(chunk), 1)
+                logits = self.model.decode(features, ids, mask).float()[:, 0]
             for j, prepared in enumerate(chunk):
                 results.append(
                     ReferringLogits(
