@@ -81,16 +81,17 @@ def test_bf16_plan_normalises_and_scores_in_float32(scenes: list) -> None:
         # The head runs before the decoder's last x2 upsampling (they commute; see LSegNet.encode_image).
         maps = net.reassemble(*net.encoder(x.to(torch.bfloat16)))
         head = net.head(net.decoder(maps, upsample_last=False))
-        head = F.interpolate(head, scale_factor=2, mode="bilinear", align_corners=True)
         features = net.encode_image(x)
         logits = net.classify(features, text)
     assert head.dtype == torch.bfloat16 and features.dtype == logits.dtype == torch.float32
-    # Normalised in float32 from the bf16 head: unit norm to float32 precision (bf16 would miss by ~1e-3).
-    assert_close(features, F.normalize(head.double(), dim=1).float(), rtol=1e-6, atol=1e-6)
-    assert_close(features.double().norm(dim=1), torch.ones(1, 64, 64, dtype=torch.float64), rtol=0, atol=1e-6)
-    # The logits are the float64 computation from the same features, to float32 precision.
+    # Cast to float32 before anything else: upsampling, norms and dot products are float32 (in bf16
+    # the unit norms would miss by ~1e-3).
+    assert torch.equal(features, head.float())
+    # The logits are the literal float64 computation from the same features (upsample x2, normalise,
+    # scaled dot product, upsample x2), to float32 precision.
+    pixels = F.interpolate(features.double(), scale_factor=2, mode="bilinear", align_corners=True)
     expected = fp32.net.logit_scale.double().exp() * torch.einsum(
-        "bdhw,kd->bkhw", features.double(), F.normalize(text.double(), dim=1)
+        "bdhw,kd->bkhw", F.normalize(pixels, dim=1), F.normalize(text.double(), dim=1)
     )
     expected = F.interpolate(expected, scale_factor=2, mode="bilinear", align_corners=True)
     assert_close(logits.double(), expected, rtol=0, atol=2e-5)
@@ -120,7 +121,7 @@ def test_float32_plan_matches_the_official_order_of_operations(scenes: list) -> 
         old = F.interpolate(old, scale_factor=2, mode="bilinear", align_corners=True)
         new = net(x, text)
     # The 1x1 convolutions run before the upsampling they commute with: equal to float rounding.
-    assert_close(net.encode_image(x), pixels, rtol=0, atol=2e-6)
+    assert_close(net.pixel_embeddings(net.encode_image(x)), pixels, rtol=0, atol=2e-6)
     assert_close(new, old, rtol=0, atol=2e-5)
 
 

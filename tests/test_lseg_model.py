@@ -80,8 +80,10 @@ def test_embeddings_cached_once_give_the_same_logits(tiny):
     images, text = torch.randn(2, 3, 64, 64), torch.randn(4, 32)
     with torch.no_grad():
         pixels = tiny.encode_image(images)
-        assert pixels.shape == (2, 32, 32, 32)
-        assert torch.allclose(pixels.norm(dim=1), torch.ones(2, 32, 32), atol=1e-5)
+        assert pixels.shape == (2, 32, 16, 16)  # H/4: LSeg's embeddings are these upsampled x2
+        embeddings = tiny.pixel_embeddings(pixels)
+        assert embeddings.shape == (2, 32, 32, 32)
+        assert torch.allclose(embeddings.norm(dim=1), torch.ones(2, 32, 32), atol=1e-5)
         assert torch.allclose(tiny.classify(pixels, text), tiny(images, text), atol=1e-6)
         # label embeddings are normalised inside: their scale does not matter
         assert torch.allclose(tiny(images, 7.0 * text), tiny(images, text), atol=1e-5)

@@ -5,10 +5,12 @@ A Segmenter's network (LSeg, dense CLIP) becomes three graphs, so that the ONNX 
 PyTorch predictor's caches (image features across label sets, label embeddings across images):
 
 - ``image``: ``images: B x 3 x H x W`` (normalised; H, W multiples of the patch size) -> ``features``
-  (LSeg ``B x D x H/2 x W/2`` unit-norm pixel embeddings; dense CLIP ``B x D x H/p x W/p`` patches);
+  (LSeg ``B x D x H/4 x W/4`` pixel features, before LSeg's x2 upsampling and normalisation; dense
+  CLIP ``B x D x H/p x W/p`` patches);
 - ``text``: ``token_ids: K x L`` int64 (``L`` the tokenizer's context) -> ``text_embeddings: K x D``;
 - ``classify``: ``features``, ``text_embeddings: K x D`` -> ``logits: B x K x h x w`` (LSeg: the
-  learnt logit scale, spatial regularisation and x2 upsampling; dense CLIP: the scaled cosine).
+  cosine of the x2-upsampled features, the learnt logit scale, spatial regularisation and x2
+  upsampling; dense CLIP: the scaled cosine).
 
 A Referrer's network (VLT) is one graph, ``model``: ``images: 1 x 3 x S x S`` (letterboxed and
 normalised), ``token_ids: B x T`` int64 and ``token_mask: B x T`` bool -> ``logits: B x 1 x S/s x S/s``.

@@ -25,6 +25,7 @@ from langseg.errors import BadConfigError, BadLabelsError
 from langseg.models.backbones import TimmResNetTower, TimmViTTower
 from langseg.models.dpt import DPTDecoder, DPTReassemble
 from langseg.models.text import ClipTextEncoder
+from langseg.models.upsampled_cosine import upsampled_cosine
 
 # The official network multiplies by exp(log(1/0.07)) = 1/0.07, a constant it never trains.
 OFFICIAL_LOGIT_SCALE = 1 / 0.07
@@ -202,15 +203,16 @@ class LSegNet(nn.Module):
         return self
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Pixel embeddings.
+        """Pixel features: the head's output before its x2 upsampling.
 
         Args:
             images: ``B x 3 x H x W``, normalised with mean = std = 0.5 (LSeg), H and W multiples of the
                 patch size (32 keeps every DPT level aligned); any float dtype (cast to the encoder's).
 
         Returns:
-            ``B x D x H/2 x W/2`` L2-normalised pixel embeddings in :attr:`score_dtype` (cache them to
-            try many label sets).
+            ``B x D x H/4 x W/4`` features in :attr:`score_dtype`, not normalised (cache them to try
+            many label sets). LSeg's pixel embeddings are these upsampled x2 and L2-normalised;
+            :meth:`pixel_embeddings` computes them, :meth:`classify` scores without materialising them.
         """
         # Each part takes its inputs in its own weights' dtype (set_precision may mix them); with one
         # dtype throughout every cast is a no-op, so a float32 network computes exactly as before.
@@ -226,38 +228,43 @@ class LSegNet(nn.Module):
         # The official head (1x1) runs after the decoder's last x2 upsampling; a 1x1 convolution commutes
         # with bilinear upsampling (weights summing to one), so it runs on the H/4 map here: the same
         # embeddings to float rounding, the head at a quarter of the cost (1.13x the image forward with
-        # the decoder's own out_conv moved likewise, ViT-B/32 at 384, float32).
-        pixels = self.head(pixels.to(_weight_dtype(self.head)))
-        pixels = F.interpolate(pixels, scale_factor=2, mode="bilinear", align_corners=True)
-        # Normalise in the scoring dtype: the embeddings' norm varies across pixels, and the cosine
-        # differences that decide the argmax are far below bf16's 3 significant digits.
-        return F.normalize(pixels.to(self.score_dtype), dim=1)
+        # the decoder's own out_conv moved likewise, ViT-B/32 at 384, float32). The upsampling itself
+        # is left to classify (see langseg.models.upsampled_cosine). Scoring runs in the score dtype:
+        # the cosine differences that decide the argmax are far below bf16's 3 significant digits.
+        return self.head(pixels.to(_weight_dtype(self.head))).to(self.score_dtype)
 
-    def classify(self, pixel_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-        """Score pixel embeddings against labels.
+    @staticmethod
+    def pixel_embeddings(features: torch.Tensor) -> torch.Tensor:
+        """LSeg's unit-norm pixel embeddings, ``B x D x 2h x 2w``, from :meth:`encode_image`'s
+        ``B x D x h x w`` features (the official network's ``image_features``; large: for inspection)."""
+        upsampled = F.interpolate(features, scale_factor=2, mode="bilinear", align_corners=True)
+        return F.normalize(upsampled, dim=1)
+
+    def classify(self, features: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+        """Score pixel features against labels.
 
         Args:
-            pixel_embeddings: ``B x D x h x w`` from :meth:`encode_image`.
+            features: ``B x D x h x w`` from :meth:`encode_image`.
             text_embeddings: ``K x D`` label embeddings (any norm; normalised here).
 
         Returns:
-            ``B x K x 2h x 2w`` logits in :attr:`score_dtype`: ``scale * cos(pixel, label)``,
-            regularised, upsampled x2 (bilinear, ``align_corners=True``, as the official head).
+            ``B x K x 4h x 4w`` logits in :attr:`score_dtype`: ``scale * cos(pixel, label)`` for the
+            pixel embeddings at ``2h x 2w`` (see :meth:`pixel_embeddings`), regularised, upsampled x2
+            (bilinear, ``align_corners=True``, as the official head).
         """
         if text_embeddings.ndim != 2 or text_embeddings.shape[0] == 0:
             raise BadLabelsError(
                 f"expected K x D label embeddings with K >= 1, got {tuple(text_embeddings.shape)}"
             )
-        if text_embeddings.shape[1] != pixel_embeddings.shape[1]:
+        if text_embeddings.shape[1] != features.shape[1]:
             raise BadLabelsError(
                 f"label embeddings have width {text_embeddings.shape[1]}, the model expects "
-                f"{pixel_embeddings.shape[1]}",
+                f"{features.shape[1]}",
                 hint="Encode the labels with the text encoder that matches this model.",
             )
         # Both sides in the scoring dtype (float32 under a bf16 plan): see set_precision.
-        pixels = pixel_embeddings.to(self.score_dtype)
         text = F.normalize(text_embeddings.to(self.score_dtype), dim=1)
-        logits = self.logit_scale.exp() * torch.einsum("bdhw,kd->bkhw", pixels, text)
+        logits = self.logit_scale.exp() * upsampled_cosine(features.to(self.score_dtype), text)
         if self.spatial_reg is not None:
             logits = self.spatial_reg(logits)
         return F.interpolate(logits, scale_factor=2, mode="bilinear", align_corners=True)
@@ -379,12 +386,13 @@ class LSeg(nn.Module):
         self.net, self.text_encoder = net, text_encoder
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """``B x 3 x H x W`` normalised images (any float dtype) -> ``B x D x H/2 x W/2`` pixel embeddings,
-        in the network's scoring dtype (float32 under a bf16 plan, see :meth:`LSegNet.set_precision`)."""
+        """``B x 3 x H x W`` normalised images (any float dtype) -> ``B x D x H/4 x W/4`` pixel features
+        (see :meth:`LSegNet.encode_image`), in the network's scoring dtype (float32 under a bf16 plan,
+        see :meth:`LSegNet.set_precision`)."""
         return self.net.encode_image(images)
 
     def dense_logits(self, features: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-        """Pixel embeddings and ``K x D`` label embeddings -> ``B x K x H x W`` logits."""
+        """Pixel features and ``K x D`` label embeddings -> ``B x K x H x W`` logits."""
         return self.net.classify(features, text_embeddings)
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
