@@ -197,6 +197,9 @@ def main() -> None:
             calls["image forward: langseg fp32 compiled"] = lambda i: compiled.model.dense_logits(
                 compiled.model.encode_image(inputs[i]), label_embeddings
             )
+            calls["new image + labels: langseg segment() fp32 compiled"] = lambda i: compiled.segment(
+                images[i], new_labels()
+            )
         fp32.set_image(images[-1])
         medians = timed_rounds(calls, args.rounds)
 
