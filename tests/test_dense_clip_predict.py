@@ -38,11 +38,10 @@ from langseg.predict.images import CLIP_MEAN, CLIP_STD
 from langseg.predict.segmenter import Preprocess, Segmenter, check_templates
 from langseg.registry import WeightsSpec, get_model_entry
 from langseg.zoo import dense_clip as zoo
+from tests.open_clip_helpers import random_state, register_tiny_vit
 from tests.test_cli import run_cli
 
 TINY, OTHER = "langseg-test-tiny-vit", "langseg-test-tiny-vit-wide"
-TEXT_CFG = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
-VISION_CFG = {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8}
 LABELS = ["cat", "sofa; couch", "other"]
 
 
@@ -51,15 +50,8 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny random open_clip checkpoints (``bin``, ``pt``, ``safetensors``) of the architecture ``TINY``."""
     folder = tmp_path_factory.mktemp("open_clip")
     for name, width in ((TINY, 32), (OTHER, 48)):
-        config = {"embed_dim": 16, "vision_cfg": {**VISION_CFG, "width": width}, "text_cfg": TEXT_CFG}
-        (folder / f"{name}.json").write_text(json.dumps(config))
-        open_clip.add_model_config(folder / f"{name}.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY)
-    with torch.no_grad():  # default init has zero biases and unit norms; make every weight count
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        register_tiny_vit(folder, name, vision_width=width)
+    state = random_state(TINY)
     torch.save(state, folder / "tiny.bin")
     torch.save(state, folder / "tiny.pt")
     save_file(state, str(folder / "tiny.safetensors"))

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -31,6 +30,7 @@ from langseg.export.graphs import (
     segmenter_graphs,
 )
 from langseg.export.onnx_io import export_graph, session
+from tests.open_clip_helpers import random_state, register_tiny_vit
 from tests.test_cli import run_cli
 
 pytest.importorskip("onnxruntime")
@@ -78,19 +78,8 @@ def naclip(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path, Path
     """(PyTorch Segmenter, exported folder, weights) of a tiny random NACLIP with PAMR."""
     torch.set_num_threads(1)
     folder = tmp_path_factory.mktemp("clip")
-    config = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-    }
-    (folder / f"{TINY}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder / f"{TINY}.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model(TINY)
-    with torch.no_grad():  # default init has zero biases and unit norms; make every weight count
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "tiny.safetensors"))
+    register_tiny_vit(folder, TINY)
+    save_file(random_state(TINY), str(folder / "tiny.safetensors"))
     options = {"crop": 48, "stride": 32, "templates": ["a photo of a {}.", "{}"], "pamr": True}
     predictor = langseg.load(f"naclip:{TINY}", weights=folder / "tiny.safetensors", **options)
     export_onnx(predictor, folder / "onnx", model_name=f"naclip:{TINY}")
