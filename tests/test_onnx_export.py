@@ -379,3 +379,27 @@ def test_missing_onnxruntime_names_the_extra(lseg, monkeypatch) -> None:
     with pytest.raises(BadConfigError) as info:
         langseg.load(lseg[1])
     assert 'pip install "langseg[export]"' in info.value.hint
+
+
+def test_cli_segments_with_an_exported_folder(lseg, tmp_path, monkeypatch, capsys) -> None:
+    """`langseg segment --model EXPORTED_DIR` runs onnxruntime and writes what langseg.load(DIR) gives;
+    an option the folder fixes, or the wrong task, is refused before anything is written."""
+    from PIL import Image
+
+    folder = lseg[1]
+    image = tmp_path / "scene.png"
+    Image.fromarray(scene(3)).save(image)
+    labels = "red circle,blue square,background"
+    argv = ["segment", str(image), "--model", str(folder), "--labels", labels, "--format", "both"]
+    code, _, err = run_cli(monkeypatch, capsys, *argv, "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    written = np.array(Image.open(tmp_path / "out" / "scene.mask.png"))
+    expected = langseg.load(folder).segment(scene(3), labels.split(",")).mask
+    assert np.array_equal(written, expected)
+    code, _, err = run_cli(monkeypatch, capsys, *argv, "--dtype", "bfloat16", "--out", str(tmp_path / "o2"))
+    assert code != 0 and "takes no options (got dtype)" in err and not (tmp_path / "o2").exists()
+    code, _, err = run_cli(
+        monkeypatch, capsys, "refer", str(image), "--model", str(folder), "--text", "the red circle",
+        "--out", str(tmp_path / "o3"),
+    )  # fmt: skip
+    assert code != 0 and "is a semantic model" in err and not (tmp_path / "o3").exists()

@@ -149,11 +149,33 @@ def resolve_device(device: str | int | torch.device | None = "auto") -> torch.de
     return check_device(device)
 
 
+def _exported_entry(manifest: dict[str, Any]) -> ModelEntry:
+    """A registry-style entry for an exported folder: what the checks before loading need to know."""
+
+    def not_built(**_: Any) -> Any:
+        raise BadConfigError("an exported model runs on onnxruntime; it has no PyTorch network to build")
+
+    return ModelEntry(
+        name=str(manifest["model"]),
+        family=str(manifest["family"]),
+        task=str(manifest["task"]),
+        builder=not_built,
+        description="exported ONNX model",
+    )
+
+
 def check_load(
     model: str | Path, weights: str | Path | None = None, device: str | torch.device = "cpu", **options: Any
 ) -> tuple[ModelEntry, Any, torch.device]:
     """Everything :func:`load` checks before it reads any weights: the name (or checkpoint folder), the
-    weights path, the family's options and the device. Returns ``(entry, parsed options, device)``."""
+    weights path, the family's options and the device. Returns ``(entry, parsed options, device)``; for
+    an exported ONNX folder the entry describes the exported model (name, family, task from its manifest).
+    """
+    if _is_exported(model):
+        from langseg.export import check_exported
+
+        manifest, resolved = check_exported(model, weights, device, **options)
+        return _exported_entry(manifest), {}, resolved
     entry, _ = _entry_and_weights(model, weights)
     if weights is not None and not _exists(Path(weights).expanduser()):
         raise MissingWeightsError(

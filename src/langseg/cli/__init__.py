@@ -260,7 +260,9 @@ def segment(
     fmt: OutputFormat = typer.Option(OutputFormat.both, "--format", help=FORMAT_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that exist already."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    dtype: DType = typer.Option(DType.float32, "--dtype", help="Weights dtype."),
+    dtype: DType | None = typer.Option(
+        None, "--dtype", help="Weights dtype [default: float32; an exported ONNX folder runs as exported]."
+    ),
     background_threshold: float | None = typer.Option(
         None, "--background-threshold", help="Pixels less sure than this go to 'background'/'other'."
     ),
@@ -268,7 +270,8 @@ def segment(
 ) -> None:
     """Segment images into free-text labels: an overlay with a legend, a palette mask and a JSON each."""
     prompts = read_labels(labels)
-    options = {"model": model, "weights": weights, "device": device, "options": {"dtype": dtype.value}}
+    family_options = {} if dtype is None else {"dtype": dtype.value}
+    options = {"model": model, "weights": weights, "device": device, "options": family_options}
     _run_images(
         "semantic", images, prompts, out, fmt.value, overwrite, background_threshold, batch_size, **options
     )
@@ -288,11 +291,14 @@ def refer(
     fmt: OutputFormat = typer.Option(OutputFormat.both, "--format", help=FORMAT_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace output files that exist already."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    dtype: DType = typer.Option(DType.float32, "--dtype", help="Weights dtype."),
+    dtype: DType | None = typer.Option(
+        None, "--dtype", help="Weights dtype [default: float32; an exported ONNX folder runs as exported]."
+    ),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help=BATCH_HELP),
 ) -> None:
     """Segment the objects expressions describe: each expression's mask in its own colour per image."""
-    options = {"model": model, "weights": weights, "device": device, "options": {"dtype": dtype.value}}
+    family_options = {} if dtype is None else {"dtype": dtype.value}
+    options = {"model": model, "weights": weights, "device": device, "options": family_options}
     _run_images("referring", images, list(texts), out, fmt.value, overwrite, None, batch_size, **options)
 
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 from langseg.export.manifest import MANIFEST_NAME, is_exported_folder, read_manifest
 
-__all__ = ["MANIFEST_NAME", "export_onnx", "is_exported_folder", "load_exported", "read_manifest"]
+__all__ = [
+    "MANIFEST_NAME",
+    "check_exported",
+    "export_onnx",
+    "is_exported_folder",
+    "load_exported",
+    "read_manifest",
+]
 
 
 def __getattr__(name: str) -> object:
@@ -24,4 +31,8 @@ def __getattr__(name: str) -> object:
         from langseg.export.runtime import load_exported
 
         return load_exported
+    if name == "check_exported":
+        from langseg.export.runtime import check_exported
+
+        return check_exported
     raise AttributeError(f"module 'langseg.export' has no attribute {name!r}")

@@ -216,10 +216,11 @@ def _referrer(folder: Path, manifest: dict[str, Any], device: torch.device) -> R
     )
 
 
-def load_exported(
+def check_exported(
     folder: str | Path, weights: Any = None, device: str | torch.device = "cpu", **options: Any
-) -> Segmenter | Referrer:
-    """The predictor of an exported folder (what :func:`langseg.load` returns for one).
+) -> tuple[dict[str, Any], torch.device]:
+    """Everything :func:`load_exported` checks before it opens a graph: onnxruntime importable, no
+    ``weights`` or options, a CPU device, a readable manifest. Returns ``(manifest, device)``.
 
     Raises:
         BadConfigError: onnxruntime missing, ``weights`` or options given (the folder fixes them), or a
@@ -238,7 +239,18 @@ def load_exported(
             hint="Its settings were recorded when it was exported; export again to change them.",
         )
     resolved = _cpu(device)
-    manifest = read_manifest(folder)
+    return read_manifest(folder), resolved
+
+
+def load_exported(
+    folder: str | Path, weights: Any = None, device: str | torch.device = "cpu", **options: Any
+) -> Segmenter | Referrer:
+    """The predictor of an exported folder (what :func:`langseg.load` returns for one).
+
+    Raises: as :func:`check_exported`.
+    """
+    folder = Path(folder)
+    manifest, resolved = check_exported(folder, weights, device, **options)
     try:
         if manifest["task"] == "semantic":
             return _segmenter(folder, manifest, resolved)
