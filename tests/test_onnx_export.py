@@ -383,7 +383,8 @@ def test_missing_onnxruntime_names_the_extra(lseg, monkeypatch) -> None:
 
 def test_cli_segments_with_an_exported_folder(lseg, tmp_path, monkeypatch, capsys) -> None:
     """`langseg segment --model EXPORTED_DIR` runs onnxruntime and writes what langseg.load(DIR) gives;
-    an option the folder fixes, or the wrong task, is refused before anything is written."""
+    an option the folder fixes, the wrong task, or exporting it again is refused before anything is
+    written."""
     from PIL import Image
 
     folder = lseg[1]
@@ -403,3 +404,6 @@ def test_cli_segments_with_an_exported_folder(lseg, tmp_path, monkeypatch, capsy
         "--out", str(tmp_path / "o3"),
     )  # fmt: skip
     assert code != 0 and "is a semantic model" in err and not (tmp_path / "o3").exists()
+    again = ["export", str(folder), "--format", "onnx", "--out", str(tmp_path / "o4")]
+    code, _, err = run_cli(monkeypatch, capsys, *again)
+    assert code != 0 and "already an exported ONNX model" in err and not (tmp_path / "o4").exists()

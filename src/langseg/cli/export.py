@@ -96,6 +96,8 @@ def _export_onnx(
     import langseg
     from langseg.api import check_load
     from langseg.batch import check_output_folder
+    from langseg.errors import BadConfigError
+    from langseg.export import is_exported_folder
     from langseg.export.exporter import check_export_arguments, export_onnx
     from langseg.export.runtime import require_exporter
 
@@ -103,6 +105,11 @@ def _export_onnx(
     check_export_arguments(out, opset, image_size, overwrite)
     inputs = [Path(model)] + ([weights] if weights is not None else [])
     check_output_folder(out, overwrite, ONNX_FILES, inputs=inputs, option="--out")
+    if is_exported_folder(model):
+        raise BadConfigError(
+            f"{model} is already an exported ONNX model",
+            hint="Export the model it came from (its manifest.json names it).",
+        )
     check_load(model, weights, "cpu")  # the name, the weights path: before anything loads
     predictor = langseg.load(model, weights=weights, device="cpu")
     console.print(f"exporting {model} to {out} (each graph is checked against PyTorch)...", highlight=False)
