@@ -48,13 +48,14 @@ def others_vs_class_logits(
     """Score each image against ``["others", its class]``.
 
     Args:
-        net: the network whose :meth:`~LSegNet.classify` scores (scale, cosine, x2 upsampling).
-        pixel_embeddings: ``B x D x h x w`` from :meth:`LSegNet.encode_image`.
+        net: the network whose :meth:`~LSegNet.classify` scores (cosine of the x2-upsampled features,
+            scale, x2 upsampling).
+        pixel_embeddings: ``B x D x h x w`` pixel features from :meth:`LSegNet.encode_image` (``H/4``).
         others: ``D`` or ``1 x D`` embedding of the background prompt.
         classes: ``B x D``, one class embedding per image (an episode's class).
 
     Returns:
-        ``B x 2 x 2h x 2w`` logits: channel 0 "others", channel 1 the image's class.
+        ``B x 2 x 4h x 4w`` logits (the input size): channel 0 "others", channel 1 the image's class.
     """
     others = others.reshape(1, -1)
     if classes.ndim != 2 or classes.shape[0] != pixel_embeddings.shape[0]:
