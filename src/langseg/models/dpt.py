@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from langseg.errors import BadConfigError
+from langseg.models.text import capturing_graph
+from langseg.models.winograd import WinogradKernel, transform_kernel, winograd_conv3x3
 
 READOUTS = ("ignore", "add", "project")
 
@@ -135,6 +137,82 @@ class DPTReassemble(nn.Module):
         return [block(t, grid) for block, t in zip(self.blocks, tokens, strict=True)]
 
 
+WINOGRAD_MIN_SIDE = 12  # smaller maps (or fewer channels) run F.conv2d: see benchmarks/winograd_conv.py
+WINOGRAD_MIN_CHANNELS = 96
+
+
+class Conv3x3(nn.Conv2d):
+    """A 3x3 convolution (stride 1, padding 1) whose inference can fold the BatchNorm that follows it
+    and run by Winograd's algorithm (:mod:`langseg.models.winograd`).
+
+    ``forward(x, norm)`` is ``norm(conv(x))``. The fast path is taken in eval mode without autograd,
+    for float32 on CPU, outside graph capture (export, compile); the folded kernel is cached and
+    rebuilt when a weight or a statistic changes. Everything else (training, gradients, bf16, CUDA,
+    ONNX export) runs ``F.conv2d`` then the norm, as before. Parameters and state-dict keys are those
+    of :class:`torch.nn.Conv2d`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bias: bool) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=3, padding=1, bias=bias)
+        # (key of the source tensors, folded weight, folded bias, Winograd kernel once needed)
+        self._folded: (
+            tuple[tuple[object, ...], torch.Tensor, torch.Tensor | None, WinogradKernel | None] | None
+        )
+        self._folded = None
+
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        if not self._fast_path(x, norm):
+            out = super().forward(x)
+            return out if norm is None else norm(out)
+        key, weight, bias, kernel = self._fold(norm)
+        side, channels = min(x.shape[-2:]), min(self.in_channels, self.out_channels)
+        if side < WINOGRAD_MIN_SIDE or channels < WINOGRAD_MIN_CHANNELS:
+            return F.conv2d(x, weight, bias, padding=1)
+        if kernel is None:  # built on first use only: 36 / 9 = 4x the weight's memory
+            kernel = transform_kernel(weight, bias)
+            self._folded = (key, weight, bias, kernel)
+        return winograd_conv3x3(x, kernel)
+
+    def _fast_path(self, x: torch.Tensor, norm: nn.Module | None) -> bool:
+        foldable = norm is None or (isinstance(norm, nn.BatchNorm2d) and norm.running_var is not None)
+        return (
+            foldable
+            and not self.training
+            and not torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype == torch.float32
+            and not capturing_graph()
+            and not torch.onnx.is_in_onnx_export()
+        )
+
+    def _fold(
+        self, norm: nn.Module | None
+    ) -> tuple[tuple[object, ...], torch.Tensor, torch.Tensor | None, WinogradKernel | None]:
+        """``norm(conv(x))`` as one convolution: the cache entry, rebuilt when a source tensor changed."""
+        tensors = [self.weight, self.bias]
+        if isinstance(norm, nn.BatchNorm2d):
+            tensors += [norm.weight, norm.bias, norm.running_mean, norm.running_var]
+        key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+        if self._folded is not None and self._folded[0] == key:
+            return self._folded
+        weight, bias = self.weight.detach(), None if self.bias is None else self.bias.detach()
+        if isinstance(norm, nn.BatchNorm2d):
+            assert norm.running_mean is not None and norm.running_var is not None
+            scale = torch.rsqrt(norm.running_var.double() + norm.eps)
+            if norm.weight is not None:
+                scale = scale * norm.weight.detach().double()
+            shift = -norm.running_mean.double() * scale
+            if bias is not None:
+                shift = shift + bias.double() * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias.detach().double()
+            # Element-wise products keep the weight's layout (channels-last or not).
+            weight = (weight.double() * scale.view(-1, 1, 1, 1)).to(self.weight.dtype)
+            bias = shift.to(self.weight.dtype)
+        self._folded = (key, weight, bias, None)
+        return self._folded
+
+
 class ResidualConvUnit(nn.Module):
     """``x + bn2(conv2(relu(bn1(conv1(relu(x))))))`` on ``B x F x h x w``, shape-preserving.
 
@@ -143,15 +221,15 @@ class ResidualConvUnit(nn.Module):
 
     def __init__(self, features: int, use_bn: bool = True) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(features, features, kernel_size=3, padding=1, bias=not use_bn)
-        self.bn1 = nn.BatchNorm2d(features) if use_bn else nn.Identity()
-        self.conv2 = nn.Conv2d(features, features, kernel_size=3, padding=1, bias=not use_bn)
-        self.bn2 = nn.BatchNorm2d(features) if use_bn else nn.Identity()
+        self.conv1 = Conv3x3(features, features, bias=not use_bn)
+        self.bn1 = nn.BatchNorm2d(features) if use_bn else None
+        self.conv2 = Conv3x3(features, features, bias=not use_bn)
+        self.bn2 = nn.BatchNorm2d(features) if use_bn else None
         self.act = nn.ReLU()  # not in-place: x is reused for the residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.bn1(self.conv1(self.act(x)))
-        out = self.bn2(self.conv2(self.act(out)))
+        out = self.conv1(self.act(x), self.bn1)  # the norm is folded in at inference
+        out = self.conv2(self.act(out), self.bn2)
         return out + x
 
 
@@ -209,9 +287,7 @@ class DPTDecoder(nn.Module):
 
     def __init__(self, widths: Sequence[int], features: int = 256, use_bn: bool = True) -> None:
         super().__init__()
-        self.proj = nn.ModuleList(
-            nn.Conv2d(w, features, kernel_size=3, padding=1, bias=False) for w in widths
-        )
+        self.proj = nn.ModuleList(Conv3x3(w, features, bias=False) for w in widths)
         self.fusion = nn.ModuleList(FusionBlock(features, use_bn, has_skip=i < 3) for i in range(4))
 
     def forward(self, maps: Sequence[torch.Tensor], upsample_last: bool = True) -> torch.Tensor:

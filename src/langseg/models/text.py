@@ -113,7 +113,7 @@ def capturing_graph() -> bool:
     behind the legacy ONNX exporter). Shapes that depend on tensor values (trimming to the last
     end-of-text token, packed sequences) would be refused, or baked into the graph as constants, so the
     models take their value-independent paths then (same results, more work)."""
-    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing())
+    return bool(torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
 
 
 def trim_text_now(tower: nn.Module) -> bool:
