@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
 
 OUTPUT_TILE = 4  # m: output tile side
 KERNEL = 3  # r: kernel side
@@ -115,10 +114,14 @@ def winograd_conv3x3(x: torch.Tensor, kernel: WinogradKernel) -> torch.Tensor:
         raise ValueError(f"input has {channels} channels, the kernel expects {c_in}")
     a, m = INPUT_TILE, OUTPUT_TILE
     rows, cols = -(-height // m), -(-width // m)
-    # Pad 1 on the top/left (the convolution's padding), and on the bottom/right up to whole tiles.
-    padded = F.pad(
-        x.permute(0, 2, 3, 1), (0, 0, 1, m * cols - width + a - m - 1, 1, m * rows - height + a - m - 1)
-    )
+    # Pad 1 on the top/left (the convolution's padding), and on the bottom/right up to whole tiles;
+    # only the borders are zeroed (F.pad would fill the whole map first, then copy).
+    padded = x.new_empty(batch, m * rows + a - m, m * cols + a - m, channels)
+    padded[:, 1 : height + 1, 1 : width + 1] = x.permute(0, 2, 3, 1)
+    padded[:, 0].zero_()
+    padded[:, height + 1 :].zero_()
+    padded[:, 1 : height + 1, 0].zero_()
+    padded[:, 1 : height + 1, width + 1 :].zero_()
     out = torch.empty(batch, rows, m, cols, m, c_out, dtype=x.dtype, device=x.device)
     rows_per_block = max(1, TILES_PER_BLOCK // max(1, batch * cols))
     for first in range(0, rows, rows_per_block):
@@ -134,10 +137,11 @@ def winograd_conv3x3(x: torch.Tensor, kernel: WinogradKernel) -> torch.Tensor:
         tiles_out = (kernel.output_transform @ products.view(cells, -1)).view(
             m, m, batch, last - first, cols, c_out
         )
-        out[:, first:last] = tiles_out.permute(2, 3, 0, 4, 1, 5)
+        if kernel.bias is None:
+            out[:, first:last] = tiles_out.permute(2, 3, 0, 4, 1, 5)
+        else:  # the bias is added on the way out (one pass over the result, not two)
+            torch.add(tiles_out.permute(2, 3, 0, 4, 1, 5), kernel.bias, out=out[:, first:last])
     result = out.view(batch, m * rows, m * cols, c_out)[:, :height, :width]
-    if kernel.bias is not None:
-        result = result + kernel.bias  # also makes a cropped result dense again
-    elif (height, width) != (m * rows, m * cols):
-        result = result.contiguous()
+    if (height, width) != (m * rows, m * cols):
+        result = result.contiguous()  # dense, channels-last
     return result.permute(0, 3, 1, 2)
