@@ -10,7 +10,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import langseg.models.winograd as winograd
-from langseg.models.dpt import Conv3x3, DPTDecoder
+from langseg.models.dpt import Conv3x3, DPTDecoder, reference_convolutions
 from langseg.models.winograd import transform_kernel, transform_matrices, winograd_conv3x3
 
 
@@ -132,7 +132,7 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("channels", "side", "winograd_expected"), [(96, 16, True), (96, 11, False), (64, 16, False)]
+    ("channels", "side", "winograd_expected"), [(96, 24, True), (96, 23, False), (64, 24, False)]
 )
 def test_inference_folds_the_norm(
     monkeypatch: pytest.MonkeyPatch, channels: int, side: int, winograd_expected: bool
@@ -149,7 +149,7 @@ def test_inference_folds_the_norm(
 def test_training_gradients_and_bf16_take_the_plain_path(monkeypatch: pytest.MonkeyPatch) -> None:
     conv, norm = _conv_and_norm(96)
     calls = _spy(monkeypatch)
-    x = torch.randn(2, 96, 12, 12)
+    x = torch.randn(2, 96, 24, 24)
     # eval with autograd on: gradients reach the weights through F.conv2d
     conv(x, norm).square().sum().backward()
     assert conv.weight.grad is not None and conv._folded is None
@@ -178,7 +178,7 @@ def test_training_gradients_and_bf16_take_the_plain_path(monkeypatch: pytest.Mon
 
 def test_folded_kernel_follows_new_weights_and_statistics() -> None:
     conv, norm = _conv_and_norm(96)
-    x = torch.randn(1, 96, 12, 12)
+    x = torch.randn(1, 96, 24, 24)
     with torch.inference_mode():
         conv(x, norm)
     # new weights (load_state_dict copies in place) and a training step that moves the running stats
@@ -204,7 +204,7 @@ def test_graph_capture_keeps_conv2d() -> None:
             return self.conv(x, self.norm)
 
     with torch.no_grad():
-        program = torch.export.export(Unit().eval(), (torch.randn(1, 96, 16, 16),))
+        program = torch.export.export(Unit().eval(), (torch.randn(1, 96, 24, 24),))
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert any("conv2d" in t or "convolution" in t for t in targets), targets
     assert not any("bmm" in t for t in targets), targets
@@ -220,11 +220,24 @@ def test_decoder_inference_matches_the_plain_decoder(monkeypatch: pytest.MonkeyP
             with torch.no_grad():
                 module.running_mean.normal_(0, 0.2)
                 module.running_var.uniform_(0.5, 2)
-    maps = [torch.randn(1, c, s, s) for c, s in zip([16, 32, 48, 64], [48, 24, 12, 6], strict=True)]
+    maps = [torch.randn(1, c, s, s) for c, s in zip([16, 32, 48, 64], [64, 32, 16, 8], strict=True)]
     calls = _spy(monkeypatch)
     with torch.inference_mode():
         fast = decoder(maps)
-    assert len(calls) == 12  # the residual units at 12, 24 and 48 pixels (2 convolutions each, 2 units)
+    assert len(calls) == 8  # the residual units at 32 and 64 pixels (2 convolutions each, 2 units)
     plain = decoder(maps)  # autograd on: the plain path
     assert plain.requires_grad
     assert_close(fast, plain.detach(), rtol=0, atol=1e-4 * plain.abs().max().item())
+
+
+def test_reference_convolutions_switch_the_fast_path_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    conv, norm = _conv_and_norm(96)
+    calls = _spy(monkeypatch)
+    x = torch.randn(1, 96, 24, 24)
+    with torch.inference_mode():
+        with reference_convolutions():
+            plain = conv(x, norm)
+        assert not calls and conv._folded is None
+        fast = conv(x, norm)
+    assert calls and torch.equal(plain, norm(F.conv2d(x, conv.weight, None, padding=1)))
+    assert_close(fast, plain, rtol=0, atol=2e-4)

@@ -9,7 +9,9 @@ Shapes below use ``h x w`` for the ViT token grid and ``H x W`` for the input im
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -137,8 +139,23 @@ class DPTReassemble(nn.Module):
         return [block(t, grid) for block, t in zip(self.blocks, tokens, strict=True)]
 
 
-WINOGRAD_MIN_SIDE = 12  # smaller maps (or fewer channels) run F.conv2d: see benchmarks/winograd_conv.py
+# Smaller maps or fewer channels run F.conv2d (benchmarks/winograd_conv.py): below 96 channels or at
+# 8 px Winograd is slower; at 12 px it gains ~1 ms a convolution for a 9-28 MB transformed kernel each.
+WINOGRAD_MIN_SIDE = 24
 WINOGRAD_MIN_CHANNELS = 96
+_REFERENCE = ContextVar("langseg_reference_convolutions", default=False)
+
+
+@contextmanager
+def reference_convolutions() -> Iterator[None]:
+    """Within this block (this thread or task), the DPT's 3x3 convolutions run as in training:
+    ``F.conv2d``, then the BatchNorm, no folding, no Winograd. For the network's nominal FLOP count
+    (``FlopCounterMode`` counts the operators that run) and for comparisons at float rounding level."""
+    token = _REFERENCE.set(True)
+    try:
+        yield
+    finally:
+        _REFERENCE.reset(token)
 
 
 class Conv3x3(nn.Conv2d):
@@ -177,6 +194,7 @@ class Conv3x3(nn.Conv2d):
         foldable = norm is None or (isinstance(norm, nn.BatchNorm2d) and norm.running_var is not None)
         return (
             foldable
+            and not _REFERENCE.get()
             and not self.training
             and not torch.is_grad_enabled()
             and x.device.type == "cpu"
