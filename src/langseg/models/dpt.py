@@ -162,11 +162,13 @@ class Conv3x3(nn.Conv2d):
     """A 3x3 convolution (stride 1, padding 1) whose inference can fold the BatchNorm that follows it
     and run by Winograd's algorithm (:mod:`langseg.models.winograd`).
 
-    ``forward(x, norm)`` is ``norm(conv(x))``. The fast path is taken in eval mode without autograd,
-    for float32 on CPU, outside graph capture (export, compile); the folded kernel is cached and
-    rebuilt when a weight or a statistic changes. Everything else (training, gradients, bf16, CUDA,
-    ONNX export) runs ``F.conv2d`` then the norm, as before. Parameters and state-dict keys are those
-    of :class:`torch.nn.Conv2d`.
+    ``forward(x, norm)`` is ``norm(conv(x))`` for ``x``: ``B x C_in x H x W``. The fast path is taken
+    in eval mode without autograd, for float32 on CPU, outside graph capture (export, compile) and
+    outside :func:`reference_convolutions`: the norm is folded into the weights, and maps of at least
+    ``WINOGRAD_MIN_SIDE`` pixels with at least ``WINOGRAD_MIN_CHANNELS`` channels run by Winograd.
+    Folded weights and the Winograd kernel are cached and rebuilt when a weight or a statistic changes.
+    Everything else (training, gradients, bf16, CUDA, ONNX export) runs ``F.conv2d`` then the norm, as
+    before. Parameters and state-dict keys are those of :class:`torch.nn.Conv2d`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, bias: bool) -> None:
